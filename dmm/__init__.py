@@ -1,0 +1,24 @@
+"""dmm: measure the Dimpled Manifold Model -- on/off-manifold geometry of adversarial perturbations.
+
+The maths (:mod:`dmm.attacks`, :mod:`dmm.manifold`, :mod:`dmm.nets`) imports only torch; the Lightning
+systems, data modules and callbacks are re-exported here lazily, so ``import dmm.attacks`` stays light.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "Classifier": "dmm.models",
+    "Autoencoder": "dmm.models",
+    "MNISTDataModule": "dmm.data",
+    "FashionMNISTDataModule": "dmm.data",
+    "SyntheticManifoldDataModule": "dmm.data",
+    "ManifoldDecomposition": "dmm.callbacks",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dmm' has no attribute {name!r}")
