@@ -115,6 +115,18 @@ def _eval_mode(model):
             m.training = mode
 
 
+def _projected(project: Projector, grad: Tensor, index: Tensor) -> Tensor:
+    """project(grad), with rows that are only rounding noise set to exactly zero.
+
+    When the gradient lies (almost) wholly in the removed subspace, what survives the projection is float
+    rounding (~1e-7 of the gradient in float32); normalising it would turn noise into a full step.
+    """
+    p = project(grad, index)
+    p_norm, g_norm = (torch.linalg.vector_norm(t.flatten(1), dim=1) for t in (p, grad))
+    noise = p_norm <= 64 * torch.finfo(grad.dtype).eps * g_norm
+    return p * _rows(~noise, p)
+
+
 def _per_sample(value, name: str, x: Tensor, allow_zero: bool) -> Tensor:
     """Check a float or (B,) tensor and return it as a fresh (B,) tensor on x's device and dtype."""
     t = torch.as_tensor(value).detach().to(device=x.device, dtype=x.dtype).flatten()
@@ -229,7 +241,7 @@ def pgd(
             if project is None:
                 delta = ball.project(delta + alpha * ball.step(grad))
             else:  # project first, then normalise: the step and δ stay in the subspace
-                delta = ball.rescale(delta + alpha * ball.normalize(project(grad, index)))
+                delta = ball.rescale(delta + alpha * ball.normalize(_projected(project, grad, index)))
             x_adv = x + delta
             if clamp:
                 x_adv.clamp_(0, 1)

@@ -54,6 +54,12 @@ class AttackSettings:
         return asdict(self)
 
 
+def _fraction(part: Tensor, whole: Tensor) -> Tensor:
+    """(B,) ||part|| / ||whole||, 0 where whole is 0 (an image the attack never had to move)."""
+    whole_norm = whole.flatten(1).norm(dim=1)
+    return part.flatten(1).norm(dim=1) / whole_norm.clamp_min(torch.finfo(whole.dtype).tiny)
+
+
 def _fools(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     with torch.no_grad():
         return model(x).argmax(dim=1) != y
@@ -116,9 +122,8 @@ def measure(
     out["random_fraction"] = on_fraction(d, baseline)
     out["on_part_fools"] = _fools(classifier, (x + d_on).clamp(0, 1), y) & correct
     out["off_part_fools"] = _fools(classifier, (x + d_off).clamp(0, 1), y) & correct
-    out["leak_on"] = 1 - on_fraction(perturbations["on"], q).pow(2)  # squared norms add: off^2 = 1 - on^2
-    out["leak_on"] = out["leak_on"].clamp_min(0).sqrt()
-    out["leak_off"] = on_fraction(perturbations["off"], q)
+    out["leak_on"] = _fraction(decompose(perturbations["on"], q)[1], perturbations["on"])
+    out["leak_off"] = _fraction(decompose(perturbations["off"], q)[0], perturbations["off"])
     out["_images"] = torch.stack([x, x + d, d, d_on, d_off], dim=1)  # (B, 5, C, H, W) for image grids
     return out
 
@@ -141,8 +146,10 @@ def summarize(records: dict[str, Tensor], eps_curve: list[float], norm: str = "l
         s[f"{name}/l2_median"] = norms.median().item() if norms.numel() else float("nan")
         s[f"{name}/l2_mean"] = norms.mean().item() if norms.numel() else float("nan")
     ok = records["full_success"]
+    # Fractions of the unconstrained d over its successes; leaks over the images that were attacked.
+    subsets = {"on_fraction": ok, "random_fraction": ok, "leak_on": correct, "leak_off": correct}
     for key in ("on_fraction", "random_fraction", "leak_on", "leak_off", "tangent_condition"):
-        values = records[key][ok] if key in ("on_fraction", "random_fraction") else records[key]
+        values = records[key][subsets[key]] if key in subsets else records[key]
         s[f"{key}_mean"] = values.mean().item() if values.numel() else float("nan")
         s[f"{key}_median"] = values.median().item() if values.numel() else float("nan")
     for key in ("on_part_fools", "off_part_fools"):

@@ -255,3 +255,23 @@ def test_bad_arguments_raise(kwargs):
 def test_bad_inputs_raise(x, y):
     with pytest.raises(DmmError):
         pgd(mlp(), x, y, eps=0.1)
+
+
+def test_projection_that_removes_the_whole_gradient_does_not_move() -> None:
+    """A gradient wholly outside the subspace leaves only rounding noise; that must not become a step."""
+    torch.manual_seed(0)
+    n = 16
+    w = torch.randn(n)
+    model = torch.nn.Linear(n, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.stack([torch.zeros(n), w]))
+    basis = torch.linalg.qr(torch.randn(n, 3)).Q
+    basis = torch.linalg.qr(basis - torch.outer(w, w @ basis) / w.dot(w)).Q  # orthogonal to w
+    x = torch.full((4, n), 0.5)
+    y = model(x).argmax(1)
+
+    def project(v, index):
+        return (v @ basis) @ basis.T
+
+    x_adv = pgd(model, x, y, eps=1.0, steps=20, step_size=0.1, project=project, clamp=False)
+    assert torch.equal(x_adv, x)
