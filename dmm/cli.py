@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import dmm.data  # noqa: F401  (registers the classes so configs can name them briefly)
 import dmm.models  # noqa: F401
-from dmm.callbacks import ManifoldDecomposition
+from dmm.callbacks import ManifoldDecomposition, RNGState
 from dmm.errors import DmmError
 
 log = logging.getLogger("dmm")
@@ -93,6 +93,7 @@ class DmmCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)  # systems own their optimiser arguments
         kwargs.setdefault("parser_kwargs", {"exit_on_error": True})
+        kwargs.setdefault("trainer_defaults", {"callbacks": [RNGState()]})
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -106,10 +107,11 @@ class DmmCLI(LightningCLI):
             {
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "best-{epoch}-{step}",
-                "trainer.logger": {
-                    "class_path": "lightning.pytorch.loggers.WandbLogger",
-                    "init_args": {"project": "dmm"},
-                },
+                # W&B, plus metrics.csv in the run folder whatever happens to W&B.
+                "trainer.logger": [
+                    {"class_path": "dmm.loggers.ResilientWandbLogger", "init_args": {"project": "dmm"}},
+                    {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "."}},
+                ],
             }
         )
 
@@ -119,13 +121,17 @@ class DmmCLI(LightningCLI):
         config.trainer.default_root_dir = str(run_dir)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(run_dir / "checkpoints")
-        logger = config.trainer.logger
-        if getattr(logger, "class_path", "").endswith("WandbLogger"):
-            if logger.init_args.save_dir in (None, "."):
+        loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+        for logger in loggers:
+            class_path = getattr(logger, "class_path", "")
+            if class_path.endswith("WandbLogger"):
+                if logger.init_args.name is None:
+                    logger.init_args.name = run_dir.name
+                configure_wandb(run_dir)
+            elif class_path.endswith("CSVLogger"):  # metrics.csv directly in the run folder
+                logger.init_args.name, logger.init_args.version = "", ""
+            if class_path and getattr(logger.init_args, "save_dir", None) in (None, "."):
                 logger.init_args.save_dir = str(run_dir)
-            if logger.init_args.name is None:
-                logger.init_args.name = run_dir.name
-            configure_wandb(run_dir)
         log.info("run folder: %s", run_dir)
 
 

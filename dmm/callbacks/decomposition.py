@@ -54,8 +54,11 @@ def load_autoencoder(path: str | Path, input_shape: tuple[int, ...] | None = Non
 def _atomic_write(path: Path, write) -> None:
     """Write through a temporary file and rename, so a crash never leaves a truncated file behind."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class ManifoldDecomposition(L.Callback):

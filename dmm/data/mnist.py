@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision import datasets
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
+from dmm.data.loading import tensor_loader
 from dmm.errors import DmmError
 
 # (file name in <data_dir>/<Name>/raw, expected shape) for each split.
@@ -108,14 +109,8 @@ class MNISTDataModule(L.LightningDataModule):
     def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("setup() has not loaded this split yet")
-        workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-        )
+        hp = self.hparams
+        return tensor_loader(dataset, hp.batch_size, hp.num_workers, shuffle, hp.seed)
 
     def _files_exist(self) -> bool:
         return all((self.raw_dir / name).is_file() for pair in _FILES.values() for name, _ in pair)

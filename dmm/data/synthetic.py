@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from dmm.data.loading import tensor_loader
 from dmm.errors import DmmError
 
 SPLITS = ("train", "val", "test")
@@ -178,11 +179,5 @@ class SyntheticManifoldDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError("setup() has not been called yet")
-        workers = self.hparams.num_workers
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-        )
+        hp = self.hparams
+        return tensor_loader(self.datasets[split], hp.batch_size, hp.num_workers, shuffle, hp.seed)

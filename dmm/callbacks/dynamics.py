@@ -1,0 +1,258 @@
+"""Lightning callback: clinging then dimpling, tracked on fixed validation points while the classifier trains."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from matplotlib.figure import Figure
+from torch import Tensor
+from torch.utils.data import default_collate
+
+from dmm.callbacks.decomposition import _atomic_write, load_autoencoder
+from dmm.dynamics import ATTACKS, GRADIENTS, BoundarySearch, measure, summarize
+from dmm.errors import DmmError
+from dmm.manifold import random_basis, tangent_basis
+from dmm.models.autoencoder import Autoencoder
+
+log = logging.getLogger(__name__)
+
+
+class ManifoldDynamics(L.Callback):
+    """Track the input gradient's on-manifold fraction and the boundary distances during training.
+
+    On a fixed seeded set of ``num_points`` validation images, whose tangent bases (and fixed random
+    control subspaces) are computed once when fit starts, it measures (see :mod:`dmm.dynamics`) after
+    global step 1, every ``every_n_steps`` steps and after the last batch of every epoch: the on-manifold
+    fraction of the CE and margin input gradients next to the random baseline, and the median and quartiles
+    of the L2 distance to the decision boundary found by early-stopped PGD, unconstrained, on- and
+    off-manifold. Each measurement is logged as ``dynamics/...`` (loggers receive the steps that are
+    multiples of ``trainer.log_every_n_steps``) and kept in the callback's state, so the history survives a
+    resume. After every epoch and at the end of fit, ``dynamics.json`` and ``dynamics.png`` are written into
+    the run folder, and with a WandbLogger the curves are logged as W&B line plots at the end of fit.
+
+    Args:
+        autoencoder: path of a ``dmm fit`` autoencoder checkpoint (the manifold model); ``None`` turns
+            the callback off.
+        num_points: size of the fixed validation subset.
+        every_n_steps: measure every this many optimizer steps.
+        eps: the largest boundary distance searched (L2); farther points count as ``inf``.
+        steps: PGD iterations of the boundary search; ``steps * step_size`` should reach ``eps``.
+        step_size: L2 step of the search: the resolution of the distances.
+        clamp: keep the search's iterates in [0, 1].
+        loss: the objective the search ascends, "ce" or "margin".
+        batch_size: points measured at once.
+        seed: seeds the subset and the random control subspaces.
+    """
+
+    def __init__(
+        self,
+        autoencoder: str | None = None,
+        num_points: int = 256,
+        every_n_steps: int = 50,
+        eps: float = 4.0,
+        steps: int = 100,
+        step_size: float = 0.05,
+        clamp: bool = True,
+        loss: Literal["ce", "margin"] = "ce",
+        batch_size: int = 256,
+        seed: int = 0,
+    ) -> None:
+        for name, value in (("num_points", num_points), ("every_n_steps", every_n_steps), ("steps", steps)):
+            if value < 1:
+                raise DmmError(f"ManifoldDynamics {name} must be >= 1, got {value}")
+        if batch_size < 1:
+            raise DmmError(f"ManifoldDynamics batch_size must be >= 1, got {batch_size}")
+        for name, value in (("eps", eps), ("step_size", step_size)):
+            if not (math.isfinite(value) and value > 0):
+                raise DmmError(f"ManifoldDynamics {name} must be a finite number > 0, got {value}")
+        if loss not in ("ce", "margin"):
+            raise DmmError(f"ManifoldDynamics loss must be 'ce' or 'margin', got {loss!r}")
+        if steps * step_size < eps:
+            rank_zero_warn(
+                f"ManifoldDynamics: steps * step_size = {steps * step_size:g} < eps = {eps:g}; "
+                "distances beyond it are never found"
+            )
+        self.autoencoder_path = autoencoder
+        self.search = BoundarySearch(eps, steps, step_size, clamp, loss)
+        self.num_points, self.every_n_steps, self.batch_size, self.seed = num_points, every_n_steps, batch_size, seed
+        self.autoencoder: Autoencoder | None = None
+        self.points: dict[str, Tensor] = {}  # x, y, basis, random of the fixed subset
+        self.history: list[dict[str, float]] = []
+
+    # --- state -------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = [dict(h) for h in state_dict["history"]]
+
+    # --- hooks -------------------------------------------------------------------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.autoencoder_path is None:
+            rank_zero_warn("ManifoldDynamics is off: no autoencoder checkpoint given")
+            return
+        shape = getattr(pl_module, "hparams", {}).get("input_shape")
+        self.autoencoder = load_autoencoder(self.autoencoder_path, shape)
+        if self.every_n_steps % trainer.log_every_n_steps:
+            rank_zero_warn(
+                f"ManifoldDynamics: every_n_steps = {self.every_n_steps} is not a multiple of "
+                f"trainer.log_every_n_steps = {trainer.log_every_n_steps}, so loggers miss those measurements "
+                "(dynamics.json and the W&B line plots keep all of them)"
+            )
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Here, unlike in setup, the model is already on its device.
+        if self.autoencoder is not None:
+            self.points = self._fixed_points(trainer, pl_module.device)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if not self.points:
+            return
+        step = trainer.global_step
+        epoch_end = batch_idx + 1 == trainer.num_training_batches
+        if self.history and self.history[-1]["step"] == step:
+            return  # gradient accumulation, or the epoch end falling on a measured step, or a resume
+        if step == 1 or step % self.every_n_steps == 0 or epoch_end:
+            self._measure(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.points:
+            self._write(trainer)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.points:
+            self._write(trainer, final=True)
+
+    # --- work --------------------------------------------------------------------------------------------
+
+    def _fixed_points(self, trainer: L.Trainer, device: torch.device) -> dict[str, Tensor]:
+        if trainer.datamodule is None:
+            raise DmmError("ManifoldDynamics needs a data module with a validation set (data.val_dataloader)")
+        dataset = trainer.datamodule.val_dataloader().dataset
+        generator = torch.Generator().manual_seed(self.seed)  # on the CPU: the same points on any device
+        order = torch.randperm(len(dataset), generator=generator)[: self.num_points]
+        x, y = default_collate([dataset[int(i)][:2] for i in order])
+        autoencoder = self.autoencoder.to(device)
+        bases = []
+        for start in range(0, len(x), self.batch_size):
+            with torch.no_grad():
+                z = autoencoder.encoder(x[start : start + self.batch_size].to(device))
+            bases.append(tangent_basis(autoencoder.decoder, z))
+        basis = torch.cat(bases)
+        random = random_basis(*basis.shape, generator=generator).to(device)
+        return {"x": x.to(device), "y": y.to(device), "basis": basis, "random": random}
+
+    def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        p, b = self.points, self.batch_size
+        shards = [
+            measure(pl_module, p["x"][i : i + b], p["y"][i : i + b], p["basis"][i : i + b], p["random"][i : i + b], self.search)
+            for i in range(0, len(p["x"]), b)
+        ]
+        summary = summarize({key: torch.cat([s[key] for s in shards]) for key in shards[0]})
+        pl_module.log_dict(
+            {f"dynamics/{key}": value for key, value in summary.items()},
+            on_step=True,
+            on_epoch=False,
+            batch_size=len(p["x"]),
+        )
+        self.history.append({"step": trainer.global_step, "epoch": trainer.current_epoch, **summary})
+
+    @rank_zero_only
+    def _write(self, trainer: L.Trainer, final: bool = False) -> None:
+        folder = Path(trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        n, k = self.points["basis"].shape[1:]
+        payload = {
+            "autoencoder": str(self.autoencoder_path),
+            "num_points": len(self.points["x"]),
+            "latent_dim": k,
+            "num_pixels": n,
+            "sqrt_k_over_n": math.sqrt(k / n),
+            "every_n_steps": self.every_n_steps,
+            "search": self.search.as_dict(),
+            "history": [{key: _finite_or_none(v) for key, v in h.items()} for h in self.history],
+        }
+        text = json.dumps(payload, indent=2, allow_nan=False)
+        _atomic_write(folder / "dynamics.json", lambda path: path.write_text(text))
+        figure = plot_history(self.history, self.search.eps, math.sqrt(k / n))
+        _atomic_write(folder / "dynamics.png", lambda path: figure.savefig(path, format="png", dpi=120))
+        if final:
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    self._log_wandb(logger, folder / "dynamics.png")
+
+    def _log_wandb(self, logger: WandbLogger, png: Path) -> None:
+        import wandb
+
+        steps = [h["step"] for h in self.history]
+        eps = self.search.eps
+
+        def series(key: str) -> list[float]:
+            return [min(h[key], eps) if key.startswith("distance") else h[key] for h in self.history]
+
+        try:
+            logger.experiment.log(
+                {
+                    "dynamics/distance_plot": wandb.plot.line_series(
+                        xs=steps,
+                        ys=[series(f"distance/{a}/median") for a in ATTACKS],
+                        keys=list(ATTACKS),
+                        title=f"median L2 distance to the boundary (capped at eps = {eps:g})",
+                        xname="global step",
+                    ),
+                    "dynamics/gradient_plot": wandb.plot.line_series(
+                        xs=steps,
+                        ys=[series(f"grad_{kind}/{g}") for g in GRADIENTS for kind in ("on", "random")],
+                        keys=[f"{g} {kind}" for g in GRADIENTS for kind in ("on", "random")],
+                        title="on-manifold fraction of the input gradient",
+                        xname="global step",
+                    ),
+                    "dynamics/plot": wandb.Image(str(png)),
+                }
+            )
+        except Exception as error:  # a W&B failure must not end a run whose results are already on disk
+            log.warning("W&B logging of the dynamics failed (%s); they are in the run folder", error)
+
+
+def _finite_or_none(value):
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+def plot_history(history: list[dict[str, float]], eps: float, baseline: float) -> Figure:
+    """Two panels over global steps: boundary distances (median, interquartile band), gradient fractions."""
+    figure = Figure(figsize=(11, 4), layout="constrained")
+    distances, gradients = figure.subplots(1, 2)
+    steps = [h["step"] for h in history]
+    for attack, colour in zip(ATTACKS, ("black", "tab:blue", "tab:red"), strict=True):
+        # Distances beyond the search are inf: drawn at eps, the dashed line.
+        q = {key: [min(h[f"distance/{attack}/{key}"], eps) for h in history] for key in ("q25", "median", "q75")}
+        distances.plot(steps, q["median"], color=colour, label=f"{attack}", marker=".")
+        distances.fill_between(steps, q["q25"], q["q75"], color=colour, alpha=0.15, linewidth=0)
+    distances.axhline(eps, color="grey", linestyle="--", linewidth=1, label="search limit")
+    distances.set(xlabel="global step", ylabel="L2 distance to the boundary", title="median and quartiles")
+    for name, colour in zip(GRADIENTS, ("tab:green", "tab:purple"), strict=True):
+        gradients.plot(steps, [h[f"grad_on/{name}"] for h in history], color=colour, marker=".", label=f"{name}")
+        gradients.plot(steps, [h[f"grad_random/{name}"] for h in history], color=colour, linestyle=":")
+    gradients.axhline(baseline, color="grey", linestyle="--", linewidth=1, label="sqrt(k/n)")
+    gradients.set(
+        xlabel="global step",
+        ylabel="||Proj g|| / ||g||",
+        ylim=(0, 1),
+        title="input gradient in the tangent space (dotted: random subspace)",
+    )
+    for axes in (distances, gradients):
+        axes.set_xscale("log")  # clinging happens in the first few hundred steps
+        axes.legend(fontsize="small")
+    return figure
