@@ -48,15 +48,18 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
          "--trainer.default_root_dir", str(killed_root)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not list(killed_root.glob("*/checkpoints/last.ckpt")):  # end of epoch 0
-        assert process.poll() is None, "training ended before its first checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint after 300 s"
-        time.sleep(0.05)
-    time.sleep(1.0)  # into epoch 1
-    assert process.poll() is None, "the run finished before it could be killed mid-epoch"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    try:
+        deadline = time.monotonic() + 300
+        while not list(killed_root.glob("*/checkpoints/last.ckpt")):  # end of epoch 0
+            assert process.poll() is None, "training ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.05)
+        time.sleep(1.0)  # into epoch 1
+        assert process.poll() is None, "the run finished before it could be killed mid-epoch"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()  # never leave a training process behind, whatever failed above
+        process.wait()
     (last,) = killed_root.glob("*/checkpoints/last.ckpt")
     assert torch.load(last, weights_only=True)["epoch"] == 0
 
