@@ -9,10 +9,17 @@ from importlib import import_module
 _EXPORTS = {
     "Classifier": "dmm.models",
     "Autoencoder": "dmm.models",
+    "IsometricAutoencoder": "dmm.models",
+    "IRAutoencoder": "dmm.models",
     "MNISTDataModule": "dmm.data",
     "FashionMNISTDataModule": "dmm.data",
+    "CIFAR10DataModule": "dmm.data",
+    "ImageNetDataModule": "dmm.data",
     "SyntheticManifoldDataModule": "dmm.data",
+    "RelabelledAdversarialDataModule": "dmm.data",
     "ManifoldDecomposition": "dmm.callbacks",
+    "ManifoldDynamics": "dmm.callbacks",
+    "AdversarialDetection": "dmm.callbacks",
 }
 
 __all__ = list(_EXPORTS)

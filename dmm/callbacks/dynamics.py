@@ -35,8 +35,8 @@ class ManifoldDynamics(L.Callback):
     of the L2 distance to the decision boundary found by early-stopped PGD, unconstrained, on- and
     off-manifold. Each measurement is logged as ``dynamics/...`` (loggers receive the steps that are
     multiples of ``trainer.log_every_n_steps``) and kept in the callback's state, so the history survives a
-    resume. After every epoch and at the end of fit, ``dynamics.json`` and ``dynamics.png`` are written into
-    the run folder, and with a WandbLogger the curves are logged as W&B line plots at the end of fit.
+    resume. ``dynamics.json`` is written into the run folder after every epoch; at the end of fit also
+    ``dynamics.png`` and, with a WandbLogger, W&B line plots of the whole history.
 
     Args:
         autoencoder: path of a ``dmm fit`` autoencoder checkpoint (the manifold model); ``None`` turns
@@ -156,10 +156,8 @@ class ManifoldDynamics(L.Callback):
 
     def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         p, b = self.points, self.batch_size
-        shards = [
-            measure(pl_module, p["x"][i : i + b], p["y"][i : i + b], p["basis"][i : i + b], p["random"][i : i + b], self.search)
-            for i in range(0, len(p["x"]), b)
-        ]
+        parts = (p["x"], p["y"], p["basis"], p["random"])
+        shards = [measure(pl_module, *(t[i : i + b] for t in parts), self.search) for i in range(0, len(p["x"]), b)]
         summary = summarize({key: torch.cat([s[key] for s in shards]) for key in shards[0]})
         pl_module.log_dict(
             {f"dynamics/{key}": value for key, value in summary.items()},
@@ -182,16 +180,18 @@ class ManifoldDynamics(L.Callback):
             "sqrt_k_over_n": math.sqrt(k / n),
             "every_n_steps": self.every_n_steps,
             "search": self.search.as_dict(),
+            "null": "a distance quantile beyond the search (inf), or a figure with no points to average (NaN)",
             "history": [{key: _finite_or_none(v) for key, v in h.items()} for h in self.history],
         }
         text = json.dumps(payload, indent=2, allow_nan=False)
         _atomic_write(folder / "dynamics.json", lambda path: path.write_text(text))
+        if not final:
+            return
         figure = plot_history(self.history, self.search.eps, math.sqrt(k / n))
         _atomic_write(folder / "dynamics.png", lambda path: figure.savefig(path, format="png", dpi=120))
-        if final:
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    self._log_wandb(logger, folder / "dynamics.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                self._log_wandb(logger, folder / "dynamics.png")
 
     def _log_wandb(self, logger: WandbLogger, png: Path) -> None:
         import wandb
@@ -235,22 +235,30 @@ def plot_history(history: list[dict[str, float]], eps: float, baseline: float) -
     figure = Figure(figsize=(11, 4), layout="constrained")
     distances, gradients = figure.subplots(1, 2)
     steps = [h["step"] for h in history]
-    for attack, colour in zip(ATTACKS, ("black", "tab:blue", "tab:red"), strict=True):
+    for attack, colour, style in zip(ATTACKS, ("black", "tab:blue", "tab:red"), ("--", "-", "-"), strict=True):
         # Distances beyond the search are inf: drawn at eps, the dashed line.
         q = {key: [min(h[f"distance/{attack}/{key}"], eps) for h in history] for key in ("q25", "median", "q75")}
-        distances.plot(steps, q["median"], color=colour, label=f"{attack}", marker=".")
+        distances.plot(
+            steps,
+            q["median"],
+            color=colour,
+            linestyle=style,
+            label=attack,
+            marker=".",
+            zorder=4 if attack == "full" else 3,
+        )
         distances.fill_between(steps, q["q25"], q["q75"], color=colour, alpha=0.15, linewidth=0)
     distances.axhline(eps, color="grey", linestyle="--", linewidth=1, label="search limit")
-    distances.set(xlabel="global step", ylabel="L2 distance to the boundary", title="median and quartiles")
+    distances.set(xlabel="global step", ylabel="L2 distance to the boundary", title="distance: median, quartiles")
     for name, colour in zip(GRADIENTS, ("tab:green", "tab:purple"), strict=True):
-        gradients.plot(steps, [h[f"grad_on/{name}"] for h in history], color=colour, marker=".", label=f"{name}")
+        gradients.plot(steps, [h[f"grad_on/{name}"] for h in history], color=colour, marker=".", label=name)
         gradients.plot(steps, [h[f"grad_random/{name}"] for h in history], color=colour, linestyle=":")
     gradients.axhline(baseline, color="grey", linestyle="--", linewidth=1, label="sqrt(k/n)")
     gradients.set(
         xlabel="global step",
         ylabel="||Proj g|| / ||g||",
         ylim=(0, 1),
-        title="input gradient in the tangent space (dotted: random subspace)",
+        title="gradient on-manifold (dotted: random)",
     )
     for axes in (distances, gradients):
         axes.set_xscale("log")  # clinging happens in the first few hundred steps

@@ -2,5 +2,6 @@
 
 from dmm.models.autoencoder import Autoencoder
 from dmm.models.classifier import Classifier
+from dmm.models.isometric import IRAutoencoder, IsometricAutoencoder
 
-__all__ = ["Autoencoder", "Classifier"]
+__all__ = ["Autoencoder", "Classifier", "IRAutoencoder", "IsometricAutoencoder"]

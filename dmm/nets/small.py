@@ -1,32 +1,13 @@
-"""Plain networks (no Lightning): classifiers, encoders and decoders.
-
-Every network is built from data facts so that YAML never repeats them (the CLI links them in):
-
-* classifiers: ``Net(input_shape, num_classes, **hparams)``, images (B, C, H, W) -> logits (B, classes);
-* encoders: ``Net(input_shape, latent_dim, **hparams)``, images (B, C, H, W) -> latents (B, k);
-* decoders: ``Net(latent_dim, output_shape, **hparams)``, latents (B, k) -> images (B, C, H, W) in [0, 1].
-
-Networks see whatever the system feeds them: the systems in :mod:`dmm.models` own input normalisation.
-Decoders are smooth (Softplus with a large beta rather than ReLU) because their Jacobian is the object
-of study: a piecewise-linear decoder has a tangent space that jumps between pixels' activation regions.
-"""
+"""The small networks: MNIST-sized classifiers, and conv / MLP encoders and decoders for any (C, H, W)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-Shape = tuple[int, ...]
-ClassifierFactory = Callable[[Shape, int], nn.Module]
-EncoderFactory = Callable[[Shape, int], nn.Module]
-DecoderFactory = Callable[[int, Shape], nn.Module]
-
-
-def _smooth() -> nn.Module:
-    # Softplus(beta=100) is ReLU to within 0.007 but has a continuous derivative.
-    return nn.Softplus(beta=100)
+from dmm.nets.layers import Shape, smooth
 
 
 class MLP(nn.Module):
@@ -120,7 +101,7 @@ class ConvEncoder(nn.Module):
         c, h, w = input_shape
         layers: list[nn.Module] = []
         for out in channels:
-            layers += [nn.Conv2d(c, out, 3, stride=2, padding=1), nn.BatchNorm2d(out), _smooth()]
+            layers += [nn.Conv2d(c, out, 3, stride=2, padding=1), nn.BatchNorm2d(out), smooth()]
             c = out
         hs, ws = _conv_sizes(h, len(channels)), _conv_sizes(w, len(channels))
         layers += [nn.Flatten(), nn.Linear(c * hs[-1] * ws[-1], latent_dim)]
@@ -147,14 +128,14 @@ class ConvDecoder(nn.Module):
         hs, ws = _conv_sizes(h, len(channels))[::-1], _conv_sizes(w, len(channels))[::-1]
         self.bottleneck = (channels[0], hs[0], ws[0])
         self.linear = nn.Linear(latent_dim, math.prod(self.bottleneck))
-        layers: list[nn.Module] = [_smooth()]
+        layers: list[nn.Module] = [smooth()]
         outs = list(channels[1:]) + [c_out]
         for i, (c_in, c) in enumerate(zip(channels, outs, strict=True)):
             # A transposed conv (k=3, s=2, p=1) maps n -> 2n - 1 + output_padding.
             pad = (hs[i + 1] - 2 * hs[i] + 1, ws[i + 1] - 2 * ws[i] + 1)
             layers.append(nn.ConvTranspose2d(c_in, c, 3, stride=2, padding=1, output_padding=pad))
             last = i == len(outs) - 1
-            layers += [nn.Sigmoid()] if last else [nn.BatchNorm2d(c), _smooth()]
+            layers += [nn.Sigmoid()] if last else [nn.BatchNorm2d(c), smooth()]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Tensor:
@@ -175,7 +156,7 @@ class MLPEncoder(nn.Module):
         layers: list[nn.Module] = [nn.Flatten()]
         width = math.prod(input_shape)
         for h in hidden:
-            layers += [nn.Linear(width, h), _smooth()]
+            layers += [nn.Linear(width, h), smooth()]
             width = h
         layers.append(nn.Linear(width, latent_dim))
         self.layers = nn.Sequential(*layers)
@@ -199,7 +180,7 @@ class MLPDecoder(nn.Module):
         layers: list[nn.Module] = []
         width = latent_dim
         for h in hidden:
-            layers += [nn.Linear(width, h), _smooth()]
+            layers += [nn.Linear(width, h), smooth()]
             width = h
         layers += [nn.Linear(width, math.prod(output_shape)), nn.Sigmoid()]
         self.layers = nn.Sequential(*layers)
