@@ -118,6 +118,14 @@ class DmmCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         run_dir = _new_run_dir(Path(config.trainer.default_root_dir or "runs"))
+        if (run_dir / "config.yaml").is_file():
+            # Only a requeued SLURM job comes back to a run folder; anything else there is another command's run.
+            if int(os.environ.get("SLURM_RESTART_COUNT", "0")) < 1:
+                raise DmmError(
+                    f"{run_dir} already holds a run: run one dmm command per SLURM job, "
+                    "or give each command its own folder with DMM_RUN_DIR=runs/<name>"
+                )
+            self.save_config_kwargs["overwrite"] = True
         config.trainer.default_root_dir = str(run_dir)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(run_dir / "checkpoints")
@@ -140,7 +148,21 @@ def main(args: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         DmmCLI(args=args)
-    except DmmError as error:
+    except Exception as error:
+        cause = _user_error(error)
+        if cause is None:
+            raise
         # The message is the whole story: no traceback, the same status as an argument error.
-        sys.stderr.write(f"dmm: error: {error}\n")
+        sys.stderr.write(f"dmm: error: {cause}\n")
         sys.exit(2)
+
+
+def _user_error(error: BaseException | None) -> DmmError | None:
+    """The DmmError behind an exception, also when jsonargparse wrapped it while instantiating a class."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, DmmError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None

@@ -3,6 +3,8 @@
 For images x with labels y, a classifier f and an autoencoder's encoder E and decoder D:
 
 1. the tangent space of the learned manifold at D(E(x)): orthonormal Q (B, n, k), see :mod:`dmm.manifold`;
+   above :data:`DENSE_LIMIT` (ImageNet: Q alone is 15 GB per image) a matrix-free projector instead,
+   :class:`~dmm.manifold.MatrixFreeTangent`, which never forms Q;
 2. three early-stopped PGD attacks with the same budget and step-size rule: unconstrained ("full"),
    restricted to the tangent space ("on") and to its orthogonal complement ("off");
 3. the unconstrained perturbation d split as d_on + d_off, its on-manifold fraction ||d_on|| / ||d|| next to
@@ -18,16 +20,35 @@ For images x with labels y, a classifier f and an autoencoder's encoder E and de
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from dmm.attacks import pgd
-from dmm.manifold import decompose, on_fraction, projector, random_basis, tangent_space
+from dmm.manifold import (
+    MatrixFreeTangent,
+    decompose,
+    on_fraction,
+    projector,
+    random_basis,
+    random_subspace_fraction,
+    tangent_space,
+)
 
 ATTACKS = ("full", "on", "off")
+DENSE_LIMIT = 5 * 10**7
+"""n * k per image above which :func:`measure` goes matrix-free: a dense basis that size is 200 MB per
+image in float32 (MNIST's 784 x 16 is 1.3e4; CIFAR-10's 3072 x 128 is 3.9e5; ImageNet's 150 528 x 25 088
+is 3.8e9)."""
+MATRIX_FREE_TOL = 1e-5
+"""Relative residual at which :func:`measure`'s matrix-free projections stop (float32's floor is near 1e-6)."""
+MATRIX_FREE_MAX_ITER = 1000
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,13 +111,27 @@ def measure(
         Per-sample (B,) tensors, on x's device: ``correct``; for each attack a in full/on/off ``{a}_success``,
         ``{a}_l2`` and ``{a}_linf`` (norms of x_adv - x); ``on_fraction`` and ``random_fraction`` of the
         unconstrained d; ``on_part_fools`` / ``off_part_fools``; ``leak_on`` / ``leak_off``;
-        ``tangent_condition`` (condition number of the decoder's Jacobian).
+        ``tangent_condition`` (condition number of the decoder's Jacobian; NaN above :data:`DENSE_LIMIT`).
+
+    Above :data:`DENSE_LIMIT` every projection is a :class:`~dmm.manifold.MatrixFreeTangent` solve (to
+    :data:`MATRIX_FREE_TOL`: the same records up to the solver's accuracy, at one solve per attack step)
+    and ``random_fraction`` is drawn from its exact distribution
+    (:func:`~dmm.manifold.random_subspace_fraction`) instead of from a random (B, n, k) basis.
     """
     with torch.no_grad():
         correct = classifier(x).argmax(dim=1) == y
         z = encoder(x)
-    tangent = tangent_space(decoder, z)
-    q = tangent.basis
+    n, k = x[0].numel(), z[0].numel()
+    matrix_free = n * k > DENSE_LIMIT
+    if matrix_free:
+        free = MatrixFreeTangent(decoder, z, tol=MATRIX_FREE_TOL, max_iter=MATRIX_FREE_MAX_ITER)
+        split, on_hook, off_hook = free.decompose, free.projector(), free.projector(off=True)
+        condition = torch.full((x.shape[0],), float("nan"), dtype=z.dtype, device=z.device)  # not computed
+    else:
+        tangent = tangent_space(decoder, z)
+        q = tangent.basis
+        split, on_hook, off_hook = partial(decompose, basis=q), projector(q), projector(q, off=True)
+        condition = tangent.condition
     kwargs = dict(
         eps=settings.eps,
         norm=settings.norm,
@@ -105,9 +140,9 @@ def measure(
         clamp=settings.clamp,
         early_stop=settings.early_stop,
     )
-    out: dict[str, Tensor] = {"correct": correct, "tangent_condition": tangent.condition}
+    out: dict[str, Tensor] = {"correct": correct, "tangent_condition": condition}
     perturbations = {}
-    for name, project in (("full", None), ("on", projector(q)), ("off", projector(q, off=True))):
+    for name, project in (("full", None), ("on", on_hook), ("off", off_hook)):
         d = pgd(classifier, x, y, project=project, **kwargs) - x
         perturbations[name] = d
         flat = d.flatten(1)
@@ -116,14 +151,29 @@ def measure(
         out[f"{name}_linf"] = flat.abs().amax(dim=1)
 
     d = perturbations["full"]
-    d_on, d_off = decompose(d, q)
-    out["on_fraction"] = on_fraction(d, q)
-    baseline = random_basis(*q.shape, generator=generator, device=q.device, dtype=q.dtype)
-    out["random_fraction"] = on_fraction(d, baseline)
+    d_on, d_off = split(d)
+    if matrix_free:
+        stopped = int((free.last.residual >= MATRIX_FREE_TOL).sum())  # the attacks' solves go unchecked
+        if stopped:
+            log.warning(
+                "matrix-free projection of %d of %d perturbations stopped at max_iter=%d above tol=%g; "
+                "the decoder's Jacobian is badly conditioned there",
+                stopped,
+                len(d),
+                MATRIX_FREE_MAX_ITER,
+                MATRIX_FREE_TOL,
+            )
+        out["on_fraction"] = _fraction(d_on, d)
+        # Exact in distribution, and no (B, n, k) basis: see random_subspace_fraction.
+        out["random_fraction"] = random_subspace_fraction(d, k, generator=generator)
+    else:
+        out["on_fraction"] = on_fraction(d, q)
+        baseline = random_basis(*q.shape, generator=generator, device=q.device, dtype=q.dtype)
+        out["random_fraction"] = on_fraction(d, baseline)
     out["on_part_fools"] = _fools(classifier, (x + d_on).clamp(0, 1), y) & correct
     out["off_part_fools"] = _fools(classifier, (x + d_off).clamp(0, 1), y) & correct
-    out["leak_on"] = _fraction(decompose(perturbations["on"], q)[1], perturbations["on"])
-    out["leak_off"] = _fraction(decompose(perturbations["off"], q)[0], perturbations["off"])
+    out["leak_on"] = _fraction(split(perturbations["on"])[1], perturbations["on"])
+    out["leak_off"] = _fraction(split(perturbations["off"])[0], perturbations["off"])
     out["_images"] = torch.stack([x, x + d, d, d_on, d_off], dim=1)  # (B, 5, C, H, W) for image grids
     return out
 

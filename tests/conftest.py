@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny nets gain nothing from intra-op threads, and on a shared 2-core machine extra threads (and the DDP
+# test's second process) oversubscribe the cores many times over.
+torch.set_num_threads(1)
 
 MNIST_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -13,6 +18,7 @@ MNIST_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 def _isolated_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for subprocesses
     monkeypatch.delenv("DMM_RUN_DIR", raising=False)  # each CLI call in a test makes its own run folder
     monkeypatch.chdir(tmp_path)
 

@@ -17,7 +17,11 @@ SHAPE = (1, 8, 8)
 @pytest.fixture
 def models() -> tuple[nn.Module, nn.Module, nn.Module]:
     torch.manual_seed(0)
-    return MLP(SHAPE, 3, hidden=(32,), dropout=0.0), MLPEncoder(SHAPE, 3, hidden=(16,)), MLPDecoder(3, SHAPE, hidden=(16,))
+    return (
+        MLP(SHAPE, 3, hidden=(32,), dropout=0.0),
+        MLPEncoder(SHAPE, 3, hidden=(16,)),
+        MLPDecoder(3, SHAPE, hidden=(16,)),
+    )
 
 
 def batch(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
 import logging
 import math
@@ -24,6 +26,18 @@ from dmm.models.autoencoder import Autoencoder
 log = logging.getLogger(__name__)
 
 
+def _autoencoder_class(path: Path) -> type[Autoencoder]:
+    """The Autoencoder subclass a CLI checkpoint was trained as (Lightning would otherwise rebuild the base)."""
+    hparams = torch.load(path, map_location="cpu", weights_only=True).get("hyper_parameters", {})
+    module_name, _, name = str(hparams.get("_class_path", "")).rpartition(".")
+    if not module_name:
+        return Autoencoder
+    cls = getattr(importlib.import_module(module_name), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Autoencoder)):
+        raise TypeError(f"the checkpoint holds a {hparams['_class_path']}, not an autoencoder")
+    return cls
+
+
 def load_autoencoder(path: str | Path, input_shape: tuple[int, ...] | None = None) -> Autoencoder:
     """Load any :class:`Autoencoder` (plain or isometric) from a ``dmm fit`` checkpoint, weights only.
 
@@ -38,7 +52,7 @@ def load_autoencoder(path: str | Path, input_shape: tuple[int, ...] | None = Non
     if not path.is_file():
         raise DmmError(f"autoencoder checkpoint {path} not found: {train_hint}")
     try:
-        model = Autoencoder.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        model = _autoencoder_class(path).load_from_checkpoint(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch/pickle raise many types for a corrupt or foreign file
         raise DmmError(
             f"cannot load autoencoder checkpoint {path} ({type(error).__name__}: {error}); {train_hint}"
@@ -59,6 +73,11 @@ def _atomic_write(path: Path, write) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _image_seed(seed: int, index: int) -> int:
+    """A 32-bit seed per (seed, image index); hashed because torch keeps only a CPU seed's low 32 bits."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{index}".encode()).digest()[:4], "little")
 
 
 class ManifoldDecomposition(L.Callback):
@@ -143,7 +162,7 @@ class ManifoldDecomposition(L.Callback):
             return
         self._run(trainer, pl_module, "test", trainer.test_dataloaders)
 
-    def _subset(self, dataloaders, rank: int, world: int) -> tuple[Tensor, Tensor, Tensor]:
+    def _subset(self, dataloaders, rank: int, world: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         dataset = (dataloaders[0] if isinstance(dataloaders, list) else dataloaders).dataset
         count = min(self.num_images, len(dataset))
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))[:count]
@@ -151,16 +170,22 @@ class ManifoldDecomposition(L.Callback):
         per_rank = math.ceil(count / world)
         positions = torch.arange(rank, per_rank * world, world)
         valid = positions < count
-        x, y = default_collate([dataset[int(i)][:2] for i in order[positions.clamp(max=count - 1)]])
-        return x, y, valid
+        index = order[positions.clamp(max=count - 1)]  # dataset index of each image of this shard
+        x, y = default_collate([dataset[int(i)][:2] for i in index])
+        return x, y, valid, index
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, dataloaders) -> None:
-        x, y, valid = self._subset(dataloaders, trainer.global_rank, trainer.world_size)
+        x, y, valid, index = self._subset(dataloaders, trainer.global_rank, trainer.world_size)
         device = pl_module.device
-        generator = torch.Generator(device=device).manual_seed(self.seed + trainer.global_rank)
         shards = []
         for start in range(0, len(x), self.batch_size):
             xb, yb = (t[start : start + self.batch_size].to(device) for t in (x, y))
+            # One generator per image, seeded by its dataset index: its random baseline is the same
+            # whatever batch and process the image lands in.
+            generator = [
+                torch.Generator().manual_seed(_image_seed(self.seed, int(i)))
+                for i in index[start : start + self.batch_size]
+            ]
             shards.append(
                 measure(
                     pl_module,
@@ -187,8 +212,9 @@ class ManifoldDecomposition(L.Callback):
         records = {key: value[keep] for key, value in records.items()}
         summary = summarize(records, self.eps_curve, self.settings.norm)
         self.last_summary = summary
-        for key, value in summary.items():
-            pl_module.log(f"{stage}/dmm/{key}", value)
+        # Every process holds the same gathered figures: the sync is a mean of equal values that tells
+        # Lightning so (it warns about each unsynced epoch-level key under DDP).
+        pl_module.log_dict({f"{stage}/dmm/{key}": value for key, value in summary.items()}, sync_dist=True)
         self._write(trainer, stage, summary, records, images)
 
     @rank_zero_only

@@ -28,6 +28,7 @@ class Autoencoder(L.LightningModule):
         input_shape: (C, H, W) of the images (linked from the data module by the CLI).
         latent_dim: k, the dimension of the learned manifold.
         geometry_samples: validation latents used for the geometry metrics (0 turns them off).
+        num_classes: classes of the data it was trained on (linked by the CLI); provenance only, unused.
         optimizer: optimiser factory, called with the parameters.
         scheduler: optional learning-rate scheduler factory, called with the optimiser; stepped per epoch.
     """
@@ -41,6 +42,7 @@ class Autoencoder(L.LightningModule):
         geometry_samples: int = 64,
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()

@@ -100,6 +100,7 @@ class IsometricAutoencoder(Autoencoder):
         geometry_samples: validation latents used for the geometry metrics (0 turns them off).
         optimizer: optimiser factory, called with the parameters.
         scheduler: optional learning-rate scheduler factory, called with the optimiser; stepped per epoch.
+        num_classes: classes of the data it was trained on (linked by the CLI); provenance only, unused.
     """
 
     def __init__(
@@ -114,9 +115,10 @@ class IsometricAutoencoder(Autoencoder):
         geometry_samples: int = 64,
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
+        num_classes: int | None = None,
     ) -> None:
         # Explicit arguments, not **kwargs: the CLI would route its num_classes link into **kwargs.
-        super().__init__(encoder, decoder, input_shape, latent_dim, geometry_samples, optimizer, scheduler)
+        super().__init__(encoder, decoder, input_shape, latent_dim, geometry_samples, optimizer, scheduler, num_classes)
         self.save_hyperparameters()
 
     def regularizer(self, x: Tensor, z: Tensor) -> dict[str, Tensor]:
@@ -157,6 +159,7 @@ class IRAutoencoder(Autoencoder):
         geometry_samples: validation latents used for the geometry metrics (0 turns them off).
         optimizer: optimiser factory, called with the parameters.
         scheduler: optional learning-rate scheduler factory, called with the optimiser; stepped per epoch.
+        num_classes: classes of the data it was trained on (linked by the CLI); provenance only, unused.
     """
 
     def __init__(
@@ -170,9 +173,10 @@ class IRAutoencoder(Autoencoder):
         geometry_samples: int = 64,
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
+        num_classes: int | None = None,
     ) -> None:
         # Explicit arguments, not **kwargs: the CLI would route its num_classes link into **kwargs.
-        super().__init__(encoder, decoder, input_shape, latent_dim, geometry_samples, optimizer, scheduler)
+        super().__init__(encoder, decoder, input_shape, latent_dim, geometry_samples, optimizer, scheduler, num_classes)
         self.save_hyperparameters()
 
     def regularizer(self, x: Tensor, z: Tensor) -> dict[str, Tensor]:
