@@ -23,7 +23,6 @@ import importlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import sys
@@ -36,6 +35,7 @@ from torch import Tensor
 
 from dmm.decomposition import ATTACKS
 from dmm.errors import DmmError
+from dmm.io import atomic_write
 
 log = logging.getLogger("dmm.report")
 
@@ -859,17 +859,7 @@ def plot_median_norms(report: dict, path: Path) -> None:
 
 
 def _save(fig, path: Path) -> None:
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file and rename, so a crash never leaves a truncated file behind."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
 
 
 def _json_ready(value):
@@ -892,10 +882,10 @@ def write_report(report: dict, out: str | Path) -> Path:
     plot_median_norms(report, out / report["plots"]["median_norms"])
     for e in report["runs"]:
         if e["grid"]:
-            _atomic_write(out / e["grid"], lambda tmp, src=e["_grid_source"]: shutil.copyfile(src, tmp))
+            atomic_write(out / e["grid"], lambda tmp, src=e["_grid_source"]: shutil.copyfile(src, tmp))
     clean = _json_ready(report)
-    _atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(clean, indent=2, allow_nan=False)))
-    _atomic_write(out / "report.md", lambda tmp: tmp.write_text(render_markdown(report)))
+    atomic_write(out / "report.json", lambda tmp: tmp.write_text(json.dumps(clean, indent=2, allow_nan=False)))
+    atomic_write(out / "report.md", lambda tmp: tmp.write_text(render_markdown(report)))
     return out / "report.md"
 
 

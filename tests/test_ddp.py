@@ -104,11 +104,6 @@ def test_decomposition_is_the_same_on_one_and_two_processes(validations: dict) -
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the random-subspace baseline is drawn from a generator seeded with seed + global_rank, so an "
-    "image's random basis depends on the process and batch it lands in (fix: one generator per image index)",
-)
 def test_random_subspace_baseline_is_the_same_on_one_and_two_processes(validations: dict) -> None:
     (one, one_samples), (two, two_samples) = _results(validations["one"]), _results(validations["two"])
     torch.testing.assert_close(two_samples[RANDOM_BASELINE], one_samples[RANDOM_BASELINE], rtol=1e-5, atol=1e-6)

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from dmm.callbacks import load_autoencoder
-from dmm.callbacks.decomposition import _atomic_write
 from dmm.cli import main
 from dmm.errors import DmmError
+from dmm.io import atomic_write
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -133,7 +133,7 @@ def test_corrupt_autoencoder_checkpoint_is_one_clear_error(tmp_path: Path, conte
         load_autoencoder(path)
 
 
-def test_atomic_write_leaves_nothing_behind_on_a_crash(tmp_path: Path) -> None:
+def testatomic_write_leaves_nothing_behind_on_a_crash(tmp_path: Path) -> None:
     target = tmp_path / "summary.json"
     target.write_text("old, complete")
 
@@ -142,6 +142,6 @@ def test_atomic_write_leaves_nothing_behind_on_a_crash(tmp_path: Path) -> None:
         raise RuntimeError("killed mid-write")
 
     with pytest.raises(RuntimeError):
-        _atomic_write(target, crash)
+        atomic_write(target, crash)
     assert target.read_text() == "old, complete"
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]

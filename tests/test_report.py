@@ -14,9 +14,9 @@ import torch
 
 from dmm.cli import main as dmm
 from dmm.errors import DmmError
+from dmm.io import atomic_write
 from dmm.manifold import random_basis
 from dmm.report import (
-    _atomic_write,
     bootstrap,
     load_run,
     main,
@@ -213,7 +213,7 @@ def test_interrupted_write_keeps_the_old_file(tmp_path: Path) -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _atomic_write(target, crash)
+        atomic_write(target, crash)
     assert target.read_text() == "old report" and list(tmp_path.iterdir()) == [target]
 
 

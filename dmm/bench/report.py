@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 from dmm.errors import DmmError
+from dmm.io import atomic_write
 
 WIDTHS = (34, 13, 13, 8, 8, 6, 11)  # text-table widths of all columns but the last (notes)
 COLUMNS = ("benchmark", "ours", "reference", "ratio", "target", "status", "peak memory", "notes")
@@ -71,12 +71,6 @@ def text_rows(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def update_json(path: Path, machine: dict, results: dict[str, dict]) -> dict:
     """Merge ``results`` into this machine's entry of the JSON file at ``path``; return that entry."""
     data = {"machines": {}}
@@ -91,7 +85,7 @@ def update_json(path: Path, machine: dict, results: dict[str, dict]) -> dict:
     entry["machine"] = machine
     entry["benchmarks"].update(results)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(data, indent=2, allow_nan=True) + "\n")
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n"))
     return entry
 
 
@@ -141,4 +135,4 @@ def update_markdown(path: Path, entry: dict) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, text)
+    atomic_write(path, lambda tmp: tmp.write_text(text))

@@ -7,7 +7,6 @@ import importlib
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -21,9 +20,21 @@ from torchvision.utils import make_grid, save_image
 
 from dmm.decomposition import ATTACKS, AttackSettings, measure, summarize
 from dmm.errors import DmmError
+from dmm.io import atomic_write
 from dmm.models.autoencoder import Autoencoder
 
 log = logging.getLogger(__name__)
+
+
+def _finite_or_none(value):
+    """``value`` with every NaN or infinite float replaced by None (strict JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_none(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _autoencoder_class(path: Path) -> type[Autoencoder]:
@@ -63,16 +74,6 @@ def load_autoencoder(path: str | Path, input_shape: tuple[int, ...] | None = Non
             f"takes {tuple(input_shape)}: {train_hint} on the classifier's dataset"
         )
     return model.eval().requires_grad_(False)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file and rename, so a crash never leaves a truncated file behind."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _image_seed(seed: int, index: int) -> int:
@@ -200,6 +201,7 @@ class ManifoldDecomposition(L.Callback):
         local = {key: torch.cat([s[key] for s in shards]) for key in shards[0]}
         images = local.pop("_images")[: self.num_grid]
         local["valid"] = valid.to(device)
+        local["index"] = index.to(device)  # dataset index of each image, saved with the per-image records
         dtypes = {key: value.dtype for key, value in local.items()}
         # Gathered as float: not every backend (gloo) gathers bool tensors.
         gathered = pl_module.all_gather({key: value.float() for key, value in local.items()})
@@ -233,10 +235,11 @@ class ManifoldDecomposition(L.Callback):
             "input_shape": list(self.autoencoder.input_shape),
             "summary": summary,
         }
-        _atomic_write(folder / f"{stem}.json", lambda p: p.write_text(json.dumps(payload, indent=2)))
-        _atomic_write(folder / f"{stem}-samples.pt", lambda p: torch.save(records, p))
+        text = json.dumps(_finite_or_none(payload), indent=2, allow_nan=False)  # strict JSON: NaN -> null
+        atomic_write(folder / f"{stem}.json", lambda p: p.write_text(text))
+        atomic_write(folder / f"{stem}-samples.pt", lambda p: torch.save(records, p))
         grid = self._grid(images)
-        _atomic_write(folder / f"{stem}.png", lambda p: save_image(grid, p, format="png"))
+        atomic_write(folder / f"{stem}.png", lambda p: save_image(grid, p, format="png"))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 self._log_wandb(logger, stage, summary, records, grid)

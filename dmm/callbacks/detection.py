@@ -12,9 +12,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch.utils.data import default_collate
 
-from dmm.callbacks.decomposition import _atomic_write, load_autoencoder
+from dmm.callbacks.decomposition import load_autoencoder
 from dmm.detection import Threat, measure, summarize
 from dmm.errors import DmmError
+from dmm.io import atomic_write
 from dmm.models.autoencoder import Autoencoder
 
 
@@ -124,4 +125,4 @@ class AdversarialDetection(L.Callback):
             "summary": {key: value if math.isfinite(value) else None for key, value in summary.items()},
         }
         text = json.dumps(payload, indent=2, allow_nan=False)
-        _atomic_write(folder / f"{stage}-epoch{trainer.current_epoch}.json", lambda path: path.write_text(text))
+        atomic_write(folder / f"{stage}-epoch{trainer.current_epoch}.json", lambda path: path.write_text(text))

@@ -16,9 +16,10 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from torch.utils.data import default_collate
 
-from dmm.callbacks.decomposition import _atomic_write, load_autoencoder
+from dmm.callbacks.decomposition import load_autoencoder
 from dmm.dynamics import ATTACKS, GRADIENTS, BoundarySearch, measure, summarize
 from dmm.errors import DmmError
+from dmm.io import atomic_write
 from dmm.manifold import random_basis, tangent_basis
 from dmm.models.autoencoder import Autoencoder
 
@@ -184,11 +185,11 @@ class ManifoldDynamics(L.Callback):
             "history": [{key: _finite_or_none(v) for key, v in h.items()} for h in self.history],
         }
         text = json.dumps(payload, indent=2, allow_nan=False)
-        _atomic_write(folder / "dynamics.json", lambda path: path.write_text(text))
+        atomic_write(folder / "dynamics.json", lambda path: path.write_text(text))
         if not final:
             return
         figure = plot_history(self.history, self.search.eps, math.sqrt(k / n))
-        _atomic_write(folder / "dynamics.png", lambda path: figure.savefig(path, format="png", dpi=120))
+        atomic_write(folder / "dynamics.png", lambda path: figure.savefig(path, format="png", dpi=120))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 self._log_wandb(logger, folder / "dynamics.png")

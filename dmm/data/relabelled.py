@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 from importlib import metadata
 from pathlib import Path
 from typing import Literal
@@ -20,6 +19,7 @@ from tqdm import tqdm
 from dmm.attacks import pgd
 from dmm.data.loading import tensor_loader
 from dmm.errors import DmmError
+from dmm.io import atomic_write
 from dmm.models.classifier import TRAIN_HINT, Classifier, load_classifier
 
 log = logging.getLogger(__name__)
@@ -135,9 +135,9 @@ class RelabelledAdversarialDataModule(L.LightningDataModule):
                 split, 100 * self.success_rate[split], len(dataset),
             )  # fmt: skip
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda p: torch.save(payload, p))
+        atomic_write(path, lambda p: torch.save(payload, p))
         record = {**provenance, "success_rate": self.success_rate}
-        _atomic_write(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(record, indent=2)))
+        atomic_write(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(record, indent=2)))
 
     def setup(self, stage: str | None = None) -> None:
         """Load the cached relabelled splits for fit/validate and the wrapped module's clean splits."""
@@ -237,10 +237,3 @@ def _restore_own_hparams(data: L.LightningDataModule) -> None:
     if "classifier" in data.hparams and isinstance(nested, dict) and "init_args" in nested:
         data.hparams.clear()
         data.hparams.update({"_class_path": nested["class_path"], **nested["init_args"]})
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file and rename, so a crash never leaves a truncated file behind."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
