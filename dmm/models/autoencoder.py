@@ -10,6 +10,7 @@ from torch import Tensor
 
 from dmm.errors import DmmError
 from dmm.manifold import tangent_space
+from dmm.models.optim import configure_optimizers
 from dmm.nets import ConvDecoder, ConvEncoder, DecoderFactory, EncoderFactory, Shape
 
 
@@ -124,7 +125,4 @@ class Autoencoder(L.LightningModule):
         return self(batch[0])
 
     def configure_optimizers(self):
-        optimizer = self.optimizer(self.parameters())
-        if self.scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer)}
+        return configure_optimizers(self, self.optimizer, self.scheduler)

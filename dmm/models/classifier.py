@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from dmm.attacks import pgd
 from dmm.errors import DmmError
+from dmm.models.optim import configure_optimizers
 from dmm.nets import MLP, ClassifierFactory, Shape
 
 TRAIN_HINT = (
@@ -142,10 +143,7 @@ class Classifier(L.LightningModule):
         return self(batch[0])
 
     def configure_optimizers(self):
-        optimizer = self.optimizer(self.parameters())
-        if self.scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer)}
+        return configure_optimizers(self, self.optimizer, self.scheduler)
 
 
 def _check_adversarial(eps: float, norm: str, steps: int, step_size: float | None, fraction: float) -> None:
