@@ -151,7 +151,7 @@ def test_trained_autoencoder_recovers_the_true_tangent_space(record_property) ->
     x_train = data.datasets["train"].tensors[0]
     encoder, decoder = MLPEncoder((1, 8, 8), 2, hidden=(64,)), MLPDecoder(2, (1, 8, 8), hidden=(64,))
     optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=3e-3)
-    for step in range(600):
+    for _ in range(600):
         batch = x_train[torch.randint(0, len(x_train), (128,))]
         loss = torch.nn.functional.mse_loss(decoder(encoder(batch)), batch)
         optimizer.zero_grad()
