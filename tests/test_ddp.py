@@ -198,7 +198,8 @@ def test_requeued_job_resumes_where_the_signal_stopped_it(tmp_path: Path) -> Non
     (hpc,) = run_dir.glob("hpc_ckpt_*.ckpt")
     # Normally the HPC checkpoint; last.ckpt if an epoch ended between the two signals.
     newest = max([hpc, run_dir / "checkpoints" / "last.ckpt"], key=lambda p: p.stat().st_mtime)
-    stopped_at = torch.load(newest, weights_only=False)["epoch"]
+    stopped = torch.load(newest, weights_only=False)
+    stopped_at = stopped["epoch"]
 
     env["SLURM_RESTART_COUNT"] = "1"
     more = ["--trainer.max_epochs", str(stopped_at + 2)]
@@ -207,4 +208,7 @@ def test_requeued_job_resumes_where_the_signal_stopped_it(tmp_path: Path) -> Non
     restored = f"Restoring states from the checkpoint path at {newest.relative_to(tmp_path)}"
     assert restored in second.stdout + second.stderr
     resumed = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    assert resumed["epoch"] == stopped_at + 1
+    # Whether the signal's checkpoint counts the interrupted epoch as done depends on where the epoch boundary
+    # fell between SIGUSR1 and SIGTERM; either way the rerun continues from it and trains on.
+    assert resumed["global_step"] > stopped["global_step"]
+    assert resumed["epoch"] in (stopped_at, stopped_at + 1)
