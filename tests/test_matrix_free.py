@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from test_manifold import LinearDecoder
 from torch import nn
 
 from dmm import decomposition, manifold
@@ -14,18 +15,6 @@ from dmm.decomposition import AttackSettings, measure, summarize
 from dmm.errors import DmmError
 from dmm.manifold import MatrixFreeTangent, project_tangent, random_subspace_fraction
 from dmm.nets import MLP, ConvDecoder, MLPDecoder, MLPEncoder
-
-
-class LinearDecoder(nn.Module):
-    """D(z) = A z + b reshaped to images: its tangent space is exactly the column space of A."""
-
-    def __init__(self, k: int, shape: tuple[int, ...]) -> None:
-        super().__init__()
-        self.shape = shape
-        self.linear = nn.Linear(k, math.prod(shape))
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.linear(z).view(-1, *self.shape)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
