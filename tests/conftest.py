@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 torch.set_num_threads(1)
 
 MNIST_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.fixture(autouse=True)
@@ -28,3 +30,26 @@ def mnist_dir() -> Path:
     if not (MNIST_ROOT / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
         pytest.skip(f"real MNIST files absent from {MNIST_ROOT} (see shared/data/README.md)")
     return MNIST_ROOT
+
+
+@pytest.fixture
+def train_synthetic_autoencoder(tmp_path: Path):
+    """Factory: train the synthetic autoencoder for two steps through the CLI, return its last.ckpt.
+
+    Each call makes a new run folder under ``tmp_path / "ae"``; the checkpoint of that call's folder is returned.
+    """
+    from dmm.cli import main
+
+    def train() -> Path:
+        root = tmp_path / "ae"
+        before = set(root.glob("*"))
+        os.environ.pop("DMM_RUN_DIR", None)
+        main([
+            "fit", "--config", str(CONFIGS / "synthetic" / "autoencoder.yaml"), "--trainer.max_epochs", "1",
+            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
+        ])  # fmt: skip
+        (folder,) = set(root.glob("*")) - before
+        return folder / "checkpoints" / "last.ckpt"
+
+    return train

@@ -68,33 +68,9 @@ def test_gpu_preset_parses() -> None:
     assert exit_info.value.code == 0
 
 
-def _train_autoencoder(tmp_path: Path) -> Path:
-    """Train a synthetic autoencoder for two steps; return the checkpoint of the new run folder."""
-    before = set((tmp_path / "ae").glob("*"))
-    run(
-        "fit",
-        "--config",
-        str(CONFIGS / "synthetic" / "autoencoder.yaml"),
-        "--trainer.max_epochs",
-        "1",
-        "--trainer.limit_train_batches",
-        "2",
-        "--trainer.limit_val_batches",
-        "1",
-        "--trainer.logger",
-        "false",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.default_root_dir",
-        str(tmp_path / "ae"),
-    )
-    (folder,) = set((tmp_path / "ae").glob("*")) - before
-    return folder / "checkpoints" / "last.ckpt"
-
-
-def test_runs_get_their_own_folders_and_reload_without_arguments(tmp_path: Path) -> None:
-    checkpoint = _train_autoencoder(tmp_path)
-    _train_autoencoder(tmp_path)
+def test_runs_get_their_own_folders_and_reload_without_arguments(tmp_path: Path, train_synthetic_autoencoder) -> None:
+    checkpoint = train_synthetic_autoencoder()
+    train_synthetic_autoencoder()
     folders = sorted((tmp_path / "ae").iterdir())
     assert len(folders) == 2 and all((f / "config.yaml").is_file() for f in folders)
     model = Autoencoder.load_from_checkpoint(checkpoint, weights_only=True)
@@ -102,8 +78,8 @@ def test_runs_get_their_own_folders_and_reload_without_arguments(tmp_path: Path)
     assert model(torch.rand(3, 1, 16, 16)).shape == (3, 1, 16, 16)
 
 
-def test_decomposition_through_fit_validate_and_test(tmp_path: Path) -> None:
-    autoencoder = _train_autoencoder(tmp_path)
+def test_decomposition_through_fit_validate_and_test(tmp_path: Path, train_synthetic_autoencoder) -> None:
+    autoencoder = train_synthetic_autoencoder()
     callback = [
         "--decomposition.autoencoder",
         str(autoencoder),
@@ -177,8 +153,8 @@ def test_missing_mnist_offline_is_one_clear_error(tmp_path: Path, capsys) -> Non
     assert "--data.data_dir" in capsys.readouterr().err
 
 
-def test_autoencoder_of_another_shape_is_refused(tmp_path: Path, capsys) -> None:
-    autoencoder = _train_autoencoder(tmp_path)  # trained on 16x16 images
+def test_autoencoder_of_another_shape_is_refused(tmp_path: Path, capsys, train_synthetic_autoencoder) -> None:
+    autoencoder = train_synthetic_autoencoder()  # trained on 16x16 images
     with pytest.raises(SystemExit) as exit_info:
         run(
             "fit",

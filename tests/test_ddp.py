@@ -96,9 +96,7 @@ def test_decomposition_is_the_same_on_one_and_two_processes(validations: dict) -
     nulls = {k for k in kept if summary_one[k] is None}
     assert nulls == {k for k in kept if summary_two[k] is None}
     finite = [k for k in kept if k not in nulls]
-    assert {k: summary_two[k] for k in finite} == pytest.approx(
-        {k: summary_one[k] for k in finite}, rel=1e-5, abs=1e-6
-    )
+    assert {k: summary_two[k] for k in finite} == pytest.approx({k: summary_one[k] for k in finite}, rel=1e-5, abs=1e-6)
     # Per sample and in subset order: the gather's padding and reordering put every image back in place.
     assert set(two_samples) == set(one_samples)
     for key in sorted(set(one_samples) - {RANDOM_BASELINE}):

@@ -150,19 +150,9 @@ def run(*args: str) -> None:
     main(list(args))
 
 
-def test_callback_through_validate_and_test(tmp_path: Path) -> None:
+def test_callback_through_validate_and_test(tmp_path: Path, train_synthetic_autoencoder) -> None:
     quiet = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=1"]
-    run(
-        "fit",
-        "--config",
-        str(CONFIGS / "synthetic" / "autoencoder.yaml"),
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=2",
-        "--trainer.default_root_dir",
-        str(tmp_path / "ae"),
-        *quiet,
-    )
-    (autoencoder,) = (tmp_path / "ae").glob("*/checkpoints/last.ckpt")
+    autoencoder = train_synthetic_autoencoder()
     detection = [
         f"--trainer.callbacks.init_args.{key}={value}"
         for key, value in dict(autoencoder=autoencoder, num_images=24, batch_size=16, steps=5).items()

@@ -129,20 +129,9 @@ def run(*args: str) -> None:
     main(list(args))
 
 
-def test_callback_through_fit_and_resume(tmp_path: Path) -> None:
+def test_callback_through_fit_and_resume(tmp_path: Path, train_synthetic_autoencoder) -> None:
     quiet = ["--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1"]
-    run(
-        "fit",
-        "--config",
-        str(CONFIGS / "synthetic" / "autoencoder.yaml"),
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=2",
-        "--trainer.logger=false",
-        "--trainer.default_root_dir",
-        str(tmp_path / "ae"),
-        *quiet,
-    )
-    (autoencoder,) = (tmp_path / "ae").glob("*/checkpoints/last.ckpt")
+    autoencoder = train_synthetic_autoencoder()
     dynamics = [
         f"--trainer.callbacks.init_args.{key}={value}"
         for key, value in dict(autoencoder=autoencoder, num_points=24, every_n_steps=2, eps=1.0, steps=20).items()
