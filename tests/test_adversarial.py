@@ -199,6 +199,56 @@ def test_relabelled_generates_caches_and_regenerates(
     assert torch.equal(clean_val, first.data.datasets["val"].tensors[1][:16])
 
 
+class Killed(Exception):
+    """Stands for the process being killed mid-generation."""
+
+
+def test_killed_generation_resumes_where_it_stopped(n1: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relabelled, "SHARD", 32)  # train: 3 pieces of 32 images; val: 1 piece
+    reference = relabelled_module(n1, tmp_path / "uninterrupted", batch_size=16)
+    reference.prepare_data()
+    expected = torch.load(reference.cache_file()[0], weights_only=True)
+
+    calls = counting(monkeypatch, relabelled)
+    original = relabelled.pgd
+
+    def dies_on_fifth_batch(*args, **kwargs):
+        if len(calls) == 5:  # batches 1-4 finished pieces 1-2 of train; the 5th is mid-piece 3
+            raise Killed
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(relabelled, "pgd", dies_on_fifth_batch)
+    killed = relabelled_module(n1, tmp_path, batch_size=16)
+    with pytest.raises(Killed):
+        killed.prepare_data()
+    path = killed.cache_file()[0]
+    assert not path.exists() and not path.with_suffix(".json").exists()  # no cache pretends to be whole
+    assert len(list(path.with_suffix(".parts").glob("train-*.pt"))) == 2
+
+    monkeypatch.setattr(relabelled, "pgd", original)
+    calls = counting(monkeypatch, relabelled)
+    # A different batch size must not matter: pieces are keyed by image ranges, not batches.
+    resumed = relabelled_module(n1, tmp_path, batch_size=32)
+    assert resumed.cache_file()[0] == path
+    resumed.prepare_data()
+    assert sum(calls) == 32 + 32  # only the unfinished train piece and the val split were attacked
+    cache = torch.load(path, weights_only=True)
+    assert sorted(cache) == sorted(expected)
+    for key, value in expected.items():
+        assert torch.allclose(cache[key].float(), value.float(), atol=1e-6), key
+    assert not path.with_suffix(".parts").exists()  # the pieces go once the cache is whole
+
+
+def test_damaged_piece_is_named(n1: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relabelled, "SHARD", 32)
+    module = relabelled_module(n1, tmp_path)
+    parts = module.cache_file()[0].with_suffix(".parts")
+    parts.mkdir(parents=True)
+    (parts / "train-0000032-0000064.pt").write_bytes(b"truncated")
+    with pytest.raises(DmmError, match=r"train-0000032-0000064\.pt is unreadable.*delete it"):
+        module.prepare_data()
+
+
 def test_random_targets_are_wrong_seeded_and_varied(n1: Path, tmp_path: Path) -> None:
     module = relabelled_module(n1, tmp_path, target="random", steps=1, max_images=64)
     module.prepare_data()

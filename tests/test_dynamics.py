@@ -129,6 +129,13 @@ def run(*args: str) -> None:
     main(list(args))
 
 
+def test_schedule_doubles_then_goes_every_n_steps() -> None:
+    doubling = ManifoldDynamics(every_n_steps=100)
+    assert [s for s in range(1, 301) if doubling.due(s)] == [1, 2, 4, 8, 16, 32, 64, 100, 200, 300]
+    plain = ManifoldDynamics(every_n_steps=100, doubling=False)
+    assert [s for s in range(1, 301) if plain.due(s)] == [1, 100, 200, 300]
+
+
 def test_callback_through_fit_and_resume(tmp_path: Path, train_synthetic_autoencoder) -> None:
     quiet = ["--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1"]
     autoencoder = train_synthetic_autoencoder()

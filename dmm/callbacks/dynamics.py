@@ -31,7 +31,8 @@ class ManifoldDynamics(L.Callback):
 
     On a fixed seeded set of ``num_points`` validation images, whose tangent bases (and fixed random
     control subspaces) are computed once when fit starts, it measures (see :mod:`dmm.dynamics`) after
-    global step 1, every ``every_n_steps`` steps and after the last batch of every epoch: the on-manifold
+    global step 1, every ``every_n_steps`` steps and after the last batch of every epoch (and, with
+    ``doubling``, also after steps 2, 4, 8, ... below ``every_n_steps``, where clinging happens): the on-manifold
     fraction of the CE and margin input gradients next to the random baseline, and the median and quartiles
     of the L2 distance to the decision boundary found by early-stopped PGD, unconstrained, on- and
     off-manifold. Each measurement is logged as ``dynamics/...`` (loggers receive the steps that are
@@ -44,6 +45,7 @@ class ManifoldDynamics(L.Callback):
             the callback off.
         num_points: size of the fixed validation subset.
         every_n_steps: measure every this many optimizer steps.
+        doubling: also measure at the powers of two below ``every_n_steps`` (a log-spaced start).
         eps: the largest boundary distance searched (L2); farther points count as ``inf``.
         steps: PGD iterations of the boundary search; ``steps * step_size`` should reach ``eps``.
         step_size: L2 step of the search: the resolution of the distances.
@@ -58,6 +60,7 @@ class ManifoldDynamics(L.Callback):
         autoencoder: str | None = None,
         num_points: int = 256,
         every_n_steps: int = 50,
+        doubling: bool = True,
         eps: float = 4.0,
         steps: int = 100,
         step_size: float = 0.05,
@@ -84,6 +87,7 @@ class ManifoldDynamics(L.Callback):
         self.autoencoder_path = autoencoder
         self.search = BoundarySearch(eps, steps, step_size, clamp, loss)
         self.num_points, self.every_n_steps, self.batch_size, self.seed = num_points, every_n_steps, batch_size, seed
+        self.doubling = doubling
         self.autoencoder: Autoencoder | None = None
         self.points: dict[str, Tensor] = {}  # x, y, basis, random of the fixed subset
         self.history: list[dict[str, float]] = []
@@ -125,8 +129,13 @@ class ManifoldDynamics(L.Callback):
         epoch_end = batch_idx + 1 == trainer.num_training_batches
         if self.history and self.history[-1]["step"] == step:
             return  # gradient accumulation, or the epoch end falling on a measured step, or a resume
-        if step == 1 or step % self.every_n_steps == 0 or epoch_end:
+        if self.due(step) or epoch_end:
             self._measure(trainer, pl_module)
+
+    def due(self, step: int) -> bool:
+        """Whether global step ``step`` (>= 1) is on the schedule (epoch ends are measured as well)."""
+        early_power_of_two = self.doubling and 0 < step < self.every_n_steps and step & (step - 1) == 0
+        return step == 1 or step % self.every_n_steps == 0 or early_power_of_two
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.points:
@@ -180,6 +189,7 @@ class ManifoldDynamics(L.Callback):
             "num_pixels": n,
             "sqrt_k_over_n": math.sqrt(k / n),
             "every_n_steps": self.every_n_steps,
+            "doubling": self.doubling,
             "search": self.search.as_dict(),
             "null": "a distance quantile beyond the search (inf), or a figure with no points to average (NaN)",
             "history": [{key: _finite_or_none(v) for key, v in h.items()} for h in self.history],

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 from importlib import metadata
 from pathlib import Path
 from typing import Literal
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 
 NOT_IMAGES = ("batch_size", "num_workers", "download", "data_dir")  # wrapped settings that do not change images
 SPLITS = ("train", "val")
+COLUMNS = ("x", "y", "label", "success")
+SHARD = 4096  # images per resumable piece of a generation: a kill loses at most this much work
 
 
 class RelabelledAdversarialDataModule(L.LightningDataModule):
@@ -46,7 +49,10 @@ class RelabelledAdversarialDataModule(L.LightningDataModule):
     ``<cache_dir>/relabelled-<hash>.pt`` with its provenance in ``.json``: the hash covers N1's file
     contents, the wrapped module's class and the settings that shape its images, every setting
     below but ``batch_size`` and ``cache_dir``, and the dmm version. The log reports the targeted
-    success rate, the share of x_i that N1 classifies as t_i.
+    success rate, the share of x_i that N1 classifies as t_i. While it runs, every finished piece of
+    ``SHARD`` images is saved in ``relabelled-<hash>.parts/``; a killed generation restarted with the same
+    settings resumes after the last saved piece and ends with the same tensors as an uninterrupted one
+    (the attack has no random start; the targets are drawn up front). The folder goes once the cache exists.
 
     Args:
         data: the wrapped data module, e.g. ``MNISTDataModule`` (a nested class_path in YAML).
@@ -111,6 +117,7 @@ class RelabelledAdversarialDataModule(L.LightningDataModule):
             rates = json.loads(path.with_suffix(".json").read_text()).get("success_rate", {})
             log.info("relabelled data: reusing %s (targeted success rate %s)", path, rates)
             return
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
         model = load_classifier(self.hparams.classifier, self.input_shape, self.num_classes)
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         model.to(device)
@@ -123,21 +130,22 @@ class RelabelledAdversarialDataModule(L.LightningDataModule):
             raise DmmError(f"{type(self.data).__name__} has an empty train or val split: nothing to relabel")
         # Offsets in [1, C) drawn up front for both splits, so the targets do not depend on the batch size.
         generator = torch.Generator().manual_seed(self.hparams.seed)
+        parts = path.with_suffix(".parts")
         payload = {}
         for split, dataset in datasets.items():
             offsets = torch.randint(1, self.num_classes, (len(dataset),), generator=generator)
             if self.hparams.target == "next":
                 offsets.fill_(1)
-            payload.update(self._relabel(model, split, dataset, offsets, device))
+            payload.update(self._relabel(model, split, dataset, offsets, device, parts))
             self.success_rate[split] = payload[f"{split}_success"].float().mean().item()
             log.info(
                 "relabelled %s: N1 classifies %.1f %% of %d x_i as their target t_i (targeted success rate)",
                 split, 100 * self.success_rate[split], len(dataset),
             )  # fmt: skip
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda p: torch.save(payload, p))
         record = {**provenance, "success_rate": self.success_rate}
         atomic_write(path.with_suffix(".json"), lambda p: p.write_text(json.dumps(record, indent=2)))
+        shutil.rmtree(parts, ignore_errors=True)
 
     def setup(self, stage: str | None = None) -> None:
         """Load the cached relabelled splits for fit/validate and the wrapped module's clean splits."""
@@ -204,27 +212,63 @@ class RelabelledAdversarialDataModule(L.LightningDataModule):
             raise RuntimeError("setup() has not loaded the relabelled splits yet")
         return tensor_loader(self.datasets[split], self.hparams.batch_size, 0, shuffle, self.hparams.seed)
 
-    def _relabel(self, model: Classifier, split: str, dataset: Dataset, offsets: Tensor, device) -> dict[str, Tensor]:
-        """Targeted PGD on one split: ``{split}_x`` (N, C, H, W), ``_y`` targets, ``_label`` true, ``_success``."""
-        hp, parts, done = self.hparams, [], 0
+    def _relabel(
+        self, model: Classifier, split: str, dataset: Dataset, offsets: Tensor, device, parts: Path
+    ) -> dict[str, Tensor]:
+        """Targeted PGD on one split: ``{split}_x`` (N, C, H, W), ``_y`` targets, ``_label`` true, ``_success``.
+
+        Works through pieces of ``SHARD`` images; a piece already saved in ``parts`` (by a killed run of the
+        same provenance, which names the folder) is loaded instead of recomputed.
+        """
+        ranges = [(start, min(start + SHARD, len(dataset))) for start in range(0, len(dataset), SHARD)]
+        files = {r: parts / f"{split}-{r[0]:07d}-{r[1]:07d}.pt" for r in ranges}
+        done = sum(stop - start for (start, stop), file in files.items() if file.is_file())
+        if done:
+            log.info(
+                "relabelled %s: resuming, %d of %d images already generated in %s", split, done, len(dataset), parts
+            )
         show = self.trainer is None or self.trainer.progress_bar_callback is not None
-        with tqdm(total=len(dataset), desc=f"relabelling {split}", unit="img", disable=not show) as bar:
-            for batch in DataLoader(dataset, batch_size=hp.batch_size):
-                x, y = batch[0], batch[1].long()
-                target = (y + offsets[done : done + len(y)]) % self.num_classes
-                x_adv = pgd(
-                    model, x.to(device), target.to(device),
-                    eps=hp.eps, norm=hp.norm, steps=hp.steps, step_size=hp.step_size, targeted=True,
-                )  # fmt: skip
-                with torch.no_grad():
-                    success = model(x_adv).argmax(dim=1).cpu() == target
-                parts.append((x_adv.cpu(), target, y, success))
-                done += len(y)
-                bar.update(len(y))
-        return {
-            f"{split}_{name}": torch.cat(column)
-            for name, column in zip(("x", "y", "label", "success"), zip(*parts, strict=True), strict=True)
-        }
+        pieces = []
+        with tqdm(total=len(dataset), initial=done, desc=f"relabelling {split}", unit="img", disable=not show) as bar:
+            for (start, stop), file in files.items():
+                if file.is_file():
+                    pieces.append(_load_piece(file, stop - start))
+                    continue
+                piece = self._attack(model, Subset(dataset, range(start, stop)), offsets[start:stop], device, bar)
+                parts.mkdir(exist_ok=True)
+                atomic_write(file, lambda p, piece=piece: torch.save(piece, p))
+                pieces.append(piece)
+        return {f"{split}_{name}": torch.cat([p[name] for p in pieces]) for name in COLUMNS}
+
+    def _attack(self, model: Classifier, images: Dataset, offsets: Tensor, device, bar: tqdm) -> dict[str, Tensor]:
+        """One piece: every image moved towards (y + offset) mod C; columns as in :data:`COLUMNS`."""
+        hp, rows, done = self.hparams, [], 0
+        for batch in DataLoader(images, batch_size=hp.batch_size):
+            x, y = batch[0], batch[1].long()
+            target = (y + offsets[done : done + len(y)]) % self.num_classes
+            x_adv = pgd(
+                model, x.to(device), target.to(device),
+                eps=hp.eps, norm=hp.norm, steps=hp.steps, step_size=hp.step_size, targeted=True,
+            )  # fmt: skip
+            with torch.no_grad():
+                success = model(x_adv).argmax(dim=1).cpu() == target
+            rows.append((x_adv.cpu(), target, y, success))
+            done += len(y)
+            bar.update(len(y))
+        return {name: torch.cat(column) for name, column in zip(COLUMNS, zip(*rows, strict=True), strict=True)}
+
+
+def _load_piece(file: Path, size: int) -> dict[str, Tensor]:
+    """A saved piece of a generation, checked to hold ``size`` images in every column."""
+    try:
+        piece = torch.load(file, map_location="cpu", weights_only=True)
+        if sorted(piece) != sorted(COLUMNS) or any(len(piece[name]) != size for name in COLUMNS):
+            raise ValueError("wrong columns or length")
+    except Exception as error:  # torch/pickle raise many types for a damaged file
+        raise DmmError(
+            f"relabelled piece {file} is unreadable ({type(error).__name__}); delete it to regenerate that piece"
+        ) from None
+    return piece
 
 
 def _restore_own_hparams(data: L.LightningDataModule) -> None:
