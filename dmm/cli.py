@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import dmm.data  # noqa: F401  (registers the classes so configs can name them briefly)
 import dmm.models  # noqa: F401
-from dmm.callbacks import ManifoldDecomposition, RNGState
+from dmm.callbacks import Checkpoint, ManifoldDecomposition, RNGState
 from dmm.errors import DmmError
 
 log = logging.getLogger("dmm")
@@ -100,7 +99,7 @@ class DmmCLI(LightningCLI):
         # Models that take these parameters get them from the data module; the others ignore the link.
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")  # last.ckpt always the latest
         # Off until `--decomposition.autoencoder PATH` is given; short keys such as --decomposition.eps.
         parser.add_lightning_class_args(ManifoldDecomposition, "decomposition")
         parser.set_defaults(

@@ -77,6 +77,21 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
 
+def test_last_checkpoint_is_the_last_epoch_even_when_it_is_not_the_best(tmp_path: Path) -> None:
+    # Monitoring "step" in mode min makes epoch 0 the best forever; Lightning >= 2.6 alone would leave
+    # last.ckpt at epoch 0 too, and a resume from it would repeat epochs 1 and 2.
+    run("fit", "--config", str(CONFIGS / "synthetic" / "classifier.yaml"), "--trainer.max_epochs", "3", *QUIET,
+        "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
+        "--checkpoint.monitor", "step", "--checkpoint.mode", "min",
+        "--trainer.default_root_dir", str(tmp_path))  # fmt: skip
+    (folder,) = tmp_path.glob("*")
+    (best,) = folder.glob("checkpoints/best-*.ckpt")
+    last = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert best.name == "best-epoch=0-step=2.ckpt"
+    assert (last["epoch"], last["global_step"]) == (2, 6)
+    assert any(not torch.equal(w, weights(best)[name]) for name, w in last["state_dict"].items())
+
+
 def test_same_seed_gives_identical_metrics(tmp_path: Path) -> None:
     for name in ("a", "b"):
         run("fit", "--config", str(CONFIGS / "synthetic" / "classifier.yaml"), "--trainer.max_epochs", "2", *QUIET,
