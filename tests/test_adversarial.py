@@ -198,6 +198,11 @@ def test_relabelled_generates_caches_and_regenerates(
     clean_val = next(iter(changed.clean_val_dataloader()))[1]
     assert torch.equal(clean_val, first.data.datasets["val"].tensors[1][:16])
 
+    shifted = relabelled_module(n1, tmp_path, test_labels="next")  # the relabelling rule on clean images
+    shifted.setup("test")
+    shifted_x, shifted_y = next(iter(shifted.test_dataloader()))
+    assert torch.equal(shifted_x, test_x) and torch.equal(shifted_y, (test_y + 1) % 4)
+
 
 class Killed(Exception):
     """Stands for the process being killed mid-generation."""
@@ -301,6 +306,7 @@ def test_placeholder_classifier_path_is_one_clear_error(capsys) -> None:
         ({"max_images": 0}, "max_images"),
         ({"target": "previous"}, "--data.init_args.target"),
         ({"norm": "l1"}, "--data.init_args.norm"),
+        ({"test_labels": "previous"}, "--data.init_args.test_labels"),
     ],
 )
 def test_bad_relabelling_settings_name_their_key(setting: dict, key: str, n1: Path, tmp_path: Path) -> None:

@@ -43,7 +43,9 @@ class RelabelledAdversarialDataModule(L.LightningDataModule):
     train: {(x_i, t_i)} from the wrapped module's training split. val: the same generation on its
     validation split, labelled with the targets t_i (val/acc is the fit to the relabelled task);
     ``clean_val_dataloader()`` gives the clean val split with true labels. test, predict: the wrapped
-    module's CLEAN test split with true labels.
+    module's CLEAN test split with true labels, or with ``test_labels="next"`` labelled (y + 1) mod C:
+    test/acc is then the share of clean images N2 maps by the relabelling rule, as it would if it had
+    learnt the digits' visible (robust) features and the label shift rather than the attack's features.
 
     Generation runs in ``prepare_data`` (one process per node) and is cached in
     ``<cache_dir>/relabelled-<hash>.pt`` with its provenance in ``.json``: the hash covers N1's file
@@ -67,6 +69,7 @@ class RelabelledAdversarialDataModule(L.LightningDataModule):
         cache_dir: folder of the cache; ``None`` means ``relabelled/`` beside the checkpoint.
         seed: seeds the random targets and the shuffling.
         max_images: relabel only the first this many images of each split (quick runs); ``None``: all.
+        test_labels: "true" or "next": the labels of the clean test split (not part of the cache).
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class RelabelledAdversarialDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         seed: int = 0,
         max_images: int | None = None,
+        test_labels: Literal["true", "next"] = "true",
     ) -> None:
         super().__init__()
         # A module object among the hyperparameters would stop checkpoints loading with weights_only=True.
@@ -89,6 +93,8 @@ class RelabelledAdversarialDataModule(L.LightningDataModule):
         key = "--data.init_args."
         if target not in ("random", "next") or norm not in ("l2", "linf"):
             raise DmmError(f"{key}target must be 'random' or 'next' and {key}norm 'l2' or 'linf'")
+        if test_labels not in ("true", "next"):
+            raise DmmError(f"{key}test_labels must be 'true' or 'next', got {test_labels!r}")
         if not (math.isfinite(eps) and eps >= 0):
             raise DmmError(f"{key}eps must be a finite number >= 0, got {eps}")
         if step_size is not None and not (math.isfinite(step_size) and step_size > 0):
@@ -198,7 +204,11 @@ class RelabelledAdversarialDataModule(L.LightningDataModule):
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self.data.test_dataloader()
+        loader = self.data.test_dataloader()
+        if self.hparams.test_labels == "true":
+            return loader
+        dataset = _NextLabels(loader.dataset, self.num_classes)
+        return DataLoader(dataset, batch_size=loader.batch_size, num_workers=loader.num_workers)
 
     def predict_dataloader(self) -> DataLoader:
         return self.data.predict_dataloader()
@@ -256,6 +266,20 @@ class RelabelledAdversarialDataModule(L.LightningDataModule):
             done += len(y)
             bar.update(len(y))
         return {name: torch.cat(column) for name, column in zip(COLUMNS, zip(*rows, strict=True), strict=True)}
+
+
+class _NextLabels(Dataset):
+    """A dataset of ``(x, y, ...)`` items seen as ``(x, (y + 1) mod C)``."""
+
+    def __init__(self, dataset: Dataset, num_classes: int) -> None:
+        self.dataset, self.num_classes = dataset, num_classes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        x, y = self.dataset[index][:2]
+        return x, (torch.as_tensor(y) + 1) % self.num_classes
 
 
 def _load_piece(file: Path, size: int) -> dict[str, Tensor]:
