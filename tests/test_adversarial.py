@@ -159,8 +159,10 @@ def test_relabelled_generates_caches_and_regenerates(
 ) -> None:
     calls = counting(monkeypatch, relabelled)
     first = relabelled_module(n1, tmp_path)
+    rng = torch.get_rng_state()
     with caplog.at_level(logging.INFO, logger="dmm.data.relabelled"):
         first.prepare_data()
+    assert torch.equal(torch.get_rng_state(), rng)  # N2 trains alike whether or not the cache existed
     first.setup("fit")
     assert sum(calls) == 96 + 32  # every train and val image attacked once
     assert "targeted success rate" in caplog.text

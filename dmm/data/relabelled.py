@@ -124,6 +124,13 @@ class RelabelledAdversarialDataModule(L.LightningDataModule):
             log.info("relabelled data: reusing %s (targeted success rate %s)", path, rates)
             return
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        # Building N1 draws its initial weights from the global RNG; fork it, so that N2 trains the same
+        # (dropout, ...) whether this run generated the cache or found it.
+        with torch.random.fork_rng(devices=[]):
+            self._generate(path, provenance)
+
+    def _generate(self, path: Path, provenance: dict) -> None:
+        """Attack both splits with N1 and write the cache at ``path``, its provenance last."""
         model = load_classifier(self.hparams.classifier, self.input_shape, self.num_classes)
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         model.to(device)
