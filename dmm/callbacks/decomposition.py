@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import math
+from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import default_collate
 from torchvision.utils import make_grid, save_image
 
+from dmm.callbacks.batches import BatchCache, cached_batches, module_digest
 from dmm.decomposition import ATTACKS, AttackSettings, measure, summarize
 from dmm.errors import DmmError
 from dmm.io import atomic_write
@@ -90,7 +92,9 @@ class ManifoldDecomposition(L.Callback):
     :mod:`dmm.decomposition`) and logs ``{stage}/dmm/...`` metrics, W&B histograms, a table and an image
     grid, and writes ``decomposition/{stage}-epoch{N}.json`` (+ per-sample ``.pt`` and a ``.png`` grid) in
     the run folder. Under DDP each process attacks a shard and the per-sample results are gathered, so the
-    figures do not depend on the number of processes.
+    figures do not depend on the number of processes. A progress bar counts the attacked images; at
+    ``dmm validate`` and ``dmm test`` every finished batch is cached (see :mod:`dmm.callbacks.batches`), so a
+    killed or repeated evaluation of the same classifier, autoencoder and settings recomputes nothing it has.
 
     Args:
         autoencoder: path of a ``dmm fit`` autoencoder checkpoint (the manifold model); ``None`` turns
@@ -106,6 +110,8 @@ class ManifoldDecomposition(L.Callback):
         batch_size: images attacked at once.
         seed: seeds the subset and the random-subspace baseline.
         num_grid: images shown in the grid (x, x_adv, d, d_on, d_off; perturbations amplified).
+        cache_dir: folder of the batch cache; ``None`` means ``cache/`` beside the autoencoder checkpoint,
+            ``""`` turns caching off. Never used during fit, whose weights change every epoch.
     """
 
     def __init__(
@@ -122,6 +128,7 @@ class ManifoldDecomposition(L.Callback):
         batch_size: int = 250,
         seed: int = 0,
         num_grid: int = 8,
+        cache_dir: str | None = None,
     ) -> None:
         if not (math.isfinite(eps) and eps >= 0):
             raise DmmError(f"decomposition.eps must be a finite number >= 0, got {eps}")
@@ -141,6 +148,7 @@ class ManifoldDecomposition(L.Callback):
         self.settings = AttackSettings(eps, norm, steps, step_size, clamp, early_stop=True)
         self.num_images, self.every_n_epochs, self.batch_size = num_images, every_n_epochs, batch_size
         self.eps_curve, self.seed, self.num_grid = sorted(eps_curve), seed, num_grid
+        self.cache_dir = cache_dir
         self.autoencoder: Autoencoder | None = None
         self.last_summary: dict[str, float] = {}
 
@@ -178,26 +186,20 @@ class ManifoldDecomposition(L.Callback):
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, dataloaders) -> None:
         x, y, valid, index = self._subset(dataloaders, trainer.global_rank, trainer.world_size)
         device = pl_module.device
-        shards = []
-        for start in range(0, len(x), self.batch_size):
-            xb, yb = (t[start : start + self.batch_size].to(device) for t in (x, y))
+
+        def compute(rows: slice) -> dict[str, Tensor]:
             # One generator per image, seeded by its dataset index: its random baseline is the same
             # whatever batch and process the image lands in.
-            generator = [
-                torch.Generator().manual_seed(_image_seed(self.seed, int(i)))
-                for i in index[start : start + self.batch_size]
-            ]
-            shards.append(
-                measure(
-                    pl_module,
-                    self.autoencoder.encoder,
-                    self.autoencoder.decoder,
-                    xb,
-                    yb,
-                    self.settings,
-                    generator=generator,
-                )
-            )
+            generator = [torch.Generator().manual_seed(_image_seed(self.seed, int(i))) for i in index[rows]]
+            xb, yb = x[rows].to(device), y[rows].to(device)
+            records = measure(pl_module, self.autoencoder.encoder, self.autoencoder.decoder, xb, yb, self.settings,
+                              generator=generator)  # fmt: skip
+            records["_images"] = records["_images"][: self.num_grid]  # only the grid's images are kept
+            return records
+
+        cache = self._cache(trainer, pl_module, stage)
+        batches = cached_batches(trainer, f"decomposition {stage}", cache, (index, x, y), self.batch_size, compute)
+        shards = [{key: value.to(device) for key, value in records.items()} for records in batches]
         local = {key: torch.cat([s[key] for s in shards]) for key in shards[0]}
         images = local.pop("_images")[: self.num_grid]
         local["valid"] = valid.to(device)
@@ -218,6 +220,20 @@ class ManifoldDecomposition(L.Callback):
         # Lightning so (it warns about each unsynced epoch-level key under DDP).
         pl_module.log_dict({f"{stage}/dmm/{key}": value for key, value in summary.items()}, sync_dist=True)
         self._write(trainer, stage, summary, records, images)
+
+    def _cache(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> BatchCache:
+        folder = None
+        if trainer.state.fn in ("validate", "test") and self.cache_dir != "":
+            folder = self.cache_dir or Path(self.autoencoder_path).parent / "cache"
+        provenance = {
+            "classifier_state_sha256": module_digest(pl_module) if folder is not None else None,
+            "autoencoder_state_sha256": module_digest(self.autoencoder) if folder is not None else None,
+            "settings": self.settings.as_dict(),
+            "seed": self.seed,
+            "num_grid": self.num_grid,
+            "dmm_version": metadata.version("dmm"),
+        }
+        return BatchCache(folder, f"decomposition-{stage}", provenance)
 
     @rank_zero_only
     def _write(self, trainer: L.Trainer, stage: str, summary: dict, records: dict, images: Tensor) -> None:

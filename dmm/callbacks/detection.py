@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from torch import Tensor
 from torch.utils.data import default_collate
 
+from dmm.callbacks.batches import BatchCache, cached_batches, module_digest
 from dmm.callbacks.decomposition import load_autoencoder
 from dmm.detection import Threat, measure, summarize
 from dmm.errors import DmmError
@@ -30,7 +33,9 @@ class AdversarialDetection(L.Callback):
     ``eps_curve``. Logs ``{stage}/detect/auroc_recon``, ``{stage}/detect/auroc_offmanifold``,
     ``{stage}/ptc/clean_acc``, ``{stage}/ptc/robust_acc@{eps}``, ``{stage}/classifier/...`` and writes
     ``detection/{stage}-epoch{N}.json`` into the run folder. It does nothing during ``dmm fit``. Under DDP every
-    process evaluates the whole subset (same result) and rank 0 writes.
+    process evaluates the whole subset (same result) and rank 0 writes. A progress bar counts the images, and
+    finished batches are cached (see :mod:`dmm.callbacks.batches`): a killed or repeated run of the same
+    classifier, autoencoder and threat recomputes nothing it has.
 
     Args:
         autoencoder: path of a ``dmm fit`` autoencoder checkpoint; ``None`` turns the callback off.
@@ -43,6 +48,8 @@ class AdversarialDetection(L.Callback):
         loss: attacked objective, "ce" or "margin".
         batch_size: images attacked at once.
         seed: seeds the subset.
+        cache_dir: folder of the batch cache; ``None`` means ``cache/`` beside the autoencoder checkpoint,
+            ``""`` turns caching off.
     """
 
     def __init__(
@@ -57,6 +64,7 @@ class AdversarialDetection(L.Callback):
         loss: Literal["ce", "margin"] = "ce",
         batch_size: int = 250,
         seed: int = 0,
+        cache_dir: str | None = None,
     ) -> None:
         for value in (eps, *eps_curve):
             if not (math.isfinite(value) and value >= 0):
@@ -70,7 +78,7 @@ class AdversarialDetection(L.Callback):
             raise DmmError(f"AdversarialDetection norm must be l2/linf and loss ce/margin, got {norm!r}, {loss!r}")
         self.autoencoder_path = autoencoder
         self.threat = Threat(eps, tuple(sorted(eps_curve)), norm, steps, step_size, loss)
-        self.num_images, self.batch_size, self.seed = num_images, batch_size, seed
+        self.num_images, self.batch_size, self.seed, self.cache_dir = num_images, batch_size, seed, cache_dir
         self.autoencoder: Autoencoder | None = None
         self.last_summary: dict[str, float] = {}
 
@@ -96,11 +104,21 @@ class AdversarialDetection(L.Callback):
         order = torch.randperm(len(dataset), generator=generator)[: self.num_images]
         x, y = default_collate([dataset[int(i)][:2] for i in order])
         autoencoder = self.autoencoder.to(pl_module.device)  # not in setup: the model moves to its device later
-        shards = []
-        for start in range(0, len(x), self.batch_size):
-            xb, yb = (t[start : start + self.batch_size].to(pl_module.device) for t in (x, y))
-            shards.append(measure(pl_module, autoencoder.encoder, autoencoder.decoder, xb, yb, self.threat))
-        records = {key: torch.cat([s[key] for s in shards]).cpu() for key in shards[0]}
+
+        def compute(rows: slice) -> dict[str, Tensor]:
+            xb, yb = x[rows].to(pl_module.device), y[rows].to(pl_module.device)
+            return measure(pl_module, autoencoder.encoder, autoencoder.decoder, xb, yb, self.threat)
+
+        folder = None if self.cache_dir == "" else self.cache_dir or Path(self.autoencoder_path).parent / "cache"
+        provenance = {
+            "classifier_state_sha256": module_digest(pl_module) if folder is not None else None,
+            "autoencoder_state_sha256": module_digest(autoencoder) if folder is not None else None,
+            "threat": self.threat.as_dict(),
+            "dmm_version": metadata.version("dmm"),
+        }
+        cache = BatchCache(folder, f"detection-{stage}", provenance)
+        shards = list(cached_batches(trainer, f"detection {stage}", cache, (order, x, y), self.batch_size, compute))
+        records = {key: torch.cat([s[key].cpu() for s in shards]) for key in shards[0]}
         summary = summarize(records, self.threat)
         if summary["ptc/zero_grad_rate"] > 0:
             rank_zero_warn(
