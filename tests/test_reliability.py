@@ -90,6 +90,8 @@ def test_last_checkpoint_is_the_last_epoch_even_when_it_is_not_the_best(tmp_path
     assert best.name == "best-epoch=0-step=2.ckpt"
     assert (last["epoch"], last["global_step"]) == (2, 6)
     assert any(not torch.equal(w, weights(best)[name]) for name, w in last["state_dict"].items())
+    # Saved under Lightning's own key, so a checkpoint from a plain ModelCheckpoint resumes its state here.
+    assert any(key.startswith("ModelCheckpoint{") for key in last["callbacks"])
 
 
 def test_same_seed_gives_identical_metrics(tmp_path: Path) -> None:

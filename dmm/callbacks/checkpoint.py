@@ -19,6 +19,11 @@ class Checkpoint(ModelCheckpoint):
 
     _last_written_step: int | None = None
 
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's own key, so checkpoints written by it (before this class) resume their best scores.
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         if self._should_save_on_train_epoch_end(trainer):
