@@ -31,14 +31,14 @@ class ManifoldDynamics(L.Callback):
 
     On a fixed seeded set of ``num_points`` validation images, whose tangent bases (and fixed random
     control subspaces) are computed once when fit starts, it measures (see :mod:`dmm.dynamics`) after
-    global step 1, every ``every_n_steps`` steps and after the last batch of every epoch (and, with
-    ``doubling``, also after steps 2, 4, 8, ... below ``every_n_steps``, where clinging happens): the on-manifold
+    global step 1, every ``every_n_steps`` steps and after the last batch of every epoch (with ``doubling``
+    also after steps 2, 4, 8, ... below ``every_n_steps``, to resolve the fast early phase): the on-manifold
     fraction of the CE and margin input gradients next to the random baseline, and the median and quartiles
     of the L2 distance to the decision boundary found by early-stopped PGD, unconstrained, on- and
-    off-manifold. Each measurement is logged as ``dynamics/...`` (loggers receive the steps that are
-    multiples of ``trainer.log_every_n_steps``) and kept in the callback's state, so the history survives a
-    resume. ``dynamics.json`` is written into the run folder after every epoch; at the end of fit also
-    ``dynamics.png`` and, with a WandbLogger, W&B line plots of the whole history.
+    off-manifold. Each measurement goes to every logger as ``dynamics/...`` at its global step and is kept
+    in the callback's state, so the history survives a resume. ``dynamics.json`` is written into the run
+    folder after every epoch; at the end of fit also ``dynamics.png`` and, with a WandbLogger, W&B line
+    plots of the whole history.
 
     Args:
         autoencoder: path of a ``dmm fit`` autoencoder checkpoint (the manifold model); ``None`` turns
@@ -110,12 +110,6 @@ class ManifoldDynamics(L.Callback):
             return
         shape = getattr(pl_module, "hparams", {}).get("input_shape")
         self.autoencoder = load_autoencoder(self.autoencoder_path, shape)
-        if self.every_n_steps % trainer.log_every_n_steps:
-            rank_zero_warn(
-                f"ManifoldDynamics: every_n_steps = {self.every_n_steps} is not a multiple of "
-                f"trainer.log_every_n_steps = {trainer.log_every_n_steps}, so loggers miss those measurements "
-                "(dynamics.json and the W&B line plots keep all of them)"
-            )
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Here, unlike in setup, the model is already on its device.
@@ -169,12 +163,10 @@ class ManifoldDynamics(L.Callback):
         parts = (p["x"], p["y"], p["basis"], p["random"])
         shards = [measure(pl_module, *(t[i : i + b] for t in parts), self.search) for i in range(0, len(p["x"]), b)]
         summary = summarize({key: torch.cat([s[key] for s in shards]) for key in shards[0]})
-        pl_module.log_dict(
-            {f"dynamics/{key}": value for key, value in summary.items()},
-            on_step=True,
-            on_epoch=False,
-            batch_size=len(p["x"]),
-        )
+        # Straight to the loggers: self.log would drop every step that is not a multiple of log_every_n_steps.
+        metrics = {f"dynamics/{key}": value for key, value in summary.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
         self.history.append({"step": trainer.global_step, "epoch": trainer.current_epoch, **summary})
 
     @rank_zero_only
