@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
+from importlib import metadata
 from pathlib import Path
 
 import lightning as L
@@ -25,15 +26,6 @@ from dmm.errors import DmmError
 from dmm.io import atomic_write
 
 log = logging.getLogger(__name__)
-
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _bytes(tensor: Tensor) -> bytes:
@@ -96,6 +88,26 @@ class BatchCache:
             atomic_write(provenance, lambda p: p.write_text(text))
         cpu = {key: value.detach().cpu() for key, value in records.items()}
         atomic_write(self._file(batch), lambda p: torch.save(cpu, p))
+
+
+def evaluation_cache(
+    trainer: L.Trainer,
+    name: str,
+    cache_dir: str | None,
+    autoencoder_path: str,
+    models: dict[str, nn.Module],
+    settings: dict,
+) -> BatchCache:
+    """The cache of one callback's evaluation: on at ``dmm validate``/``test`` only, whose weights are fixed.
+
+    ``cache_dir`` ``None`` means ``cache/`` beside the autoencoder checkpoint, ``""`` no cache. The provenance
+    holds the state digest of each of ``models`` (e.g. classifier, autoencoder), ``settings`` and the dmm version.
+    """
+    if cache_dir == "" or trainer.state.fn not in ("validate", "test"):
+        return BatchCache(None, name, {})
+    provenance = {f"{key}_state_sha256": module_digest(model) for key, model in models.items()}
+    provenance.update(settings=settings, dmm_version=metadata.version("dmm"))
+    return BatchCache(cache_dir or Path(autoencoder_path).parent / "cache", name, provenance)
 
 
 def cached_batches(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.trainer.states import TrainerFn
 
 
 class Checkpoint(ModelCheckpoint):
@@ -16,8 +15,6 @@ class Checkpoint(ModelCheckpoint):
     after every validation (or training epoch end, per ``save_on_train_epoch_end``) that did not
     improve. Arguments are ``ModelCheckpoint``'s.
     """
-
-    _last_written_step: int | None = None
 
     @property
     def state_key(self) -> str:
@@ -34,11 +31,8 @@ class Checkpoint(ModelCheckpoint):
         if not self._should_save_on_train_epoch_end(trainer):
             self._catch_up_last(trainer)
 
-    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
-        super()._save_last_checkpoint(trainer, monitor_candidates)
-        self._last_written_step = trainer.global_step
-
     def _catch_up_last(self, trainer: L.Trainer) -> None:
-        skip = bool(trainer.fast_dev_run) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
-        if self.save_last and not skip and self._last_written_step != trainer.global_step:
+        # Skipped when something was saved at this step already (with it, by Lightning's rule, last.ckpt),
+        # and in sanity checks, fast_dev_run and outside fit, as Lightning skips them.
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

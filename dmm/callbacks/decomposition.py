@@ -7,7 +7,6 @@ import importlib
 import json
 import logging
 import math
-from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import default_collate
 from torchvision.utils import make_grid, save_image
 
-from dmm.callbacks.batches import BatchCache, cached_batches, module_digest
+from dmm.callbacks.batches import cached_batches, evaluation_cache
 from dmm.decomposition import ATTACKS, AttackSettings, measure, summarize
 from dmm.errors import DmmError
 from dmm.io import atomic_write
@@ -197,7 +196,11 @@ class ManifoldDecomposition(L.Callback):
             records["_images"] = records["_images"][: self.num_grid]  # only the grid's images are kept
             return records
 
-        cache = self._cache(trainer, pl_module, stage)
+        models = {"classifier": pl_module, "autoencoder": self.autoencoder}
+        settings = {**self.settings.as_dict(), "seed": self.seed, "num_grid": self.num_grid}
+        cache = evaluation_cache(
+            trainer, f"decomposition-{stage}", self.cache_dir, self.autoencoder_path, models, settings
+        )
         batches = cached_batches(trainer, f"decomposition {stage}", cache, (index, x, y), self.batch_size, compute)
         shards = [{key: value.to(device) for key, value in records.items()} for records in batches]
         local = {key: torch.cat([s[key] for s in shards]) for key in shards[0]}
@@ -220,20 +223,6 @@ class ManifoldDecomposition(L.Callback):
         # Lightning so (it warns about each unsynced epoch-level key under DDP).
         pl_module.log_dict({f"{stage}/dmm/{key}": value for key, value in summary.items()}, sync_dist=True)
         self._write(trainer, stage, summary, records, images)
-
-    def _cache(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> BatchCache:
-        folder = None
-        if trainer.state.fn in ("validate", "test") and self.cache_dir != "":
-            folder = self.cache_dir or Path(self.autoencoder_path).parent / "cache"
-        provenance = {
-            "classifier_state_sha256": module_digest(pl_module) if folder is not None else None,
-            "autoencoder_state_sha256": module_digest(self.autoencoder) if folder is not None else None,
-            "settings": self.settings.as_dict(),
-            "seed": self.seed,
-            "num_grid": self.num_grid,
-            "dmm_version": metadata.version("dmm"),
-        }
-        return BatchCache(folder, f"decomposition-{stage}", provenance)
 
     @rank_zero_only
     def _write(self, trainer: L.Trainer, stage: str, summary: dict, records: dict, images: Tensor) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
@@ -14,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import default_collate
 
-from dmm.callbacks.batches import BatchCache, cached_batches, module_digest
+from dmm.callbacks.batches import cached_batches, evaluation_cache
 from dmm.callbacks.decomposition import load_autoencoder
 from dmm.detection import Threat, measure, summarize
 from dmm.errors import DmmError
@@ -109,14 +108,10 @@ class AdversarialDetection(L.Callback):
             xb, yb = x[rows].to(pl_module.device), y[rows].to(pl_module.device)
             return measure(pl_module, autoencoder.encoder, autoencoder.decoder, xb, yb, self.threat)
 
-        folder = None if self.cache_dir == "" else self.cache_dir or Path(self.autoencoder_path).parent / "cache"
-        provenance = {
-            "classifier_state_sha256": module_digest(pl_module) if folder is not None else None,
-            "autoencoder_state_sha256": module_digest(autoencoder) if folder is not None else None,
-            "threat": self.threat.as_dict(),
-            "dmm_version": metadata.version("dmm"),
-        }
-        cache = BatchCache(folder, f"detection-{stage}", provenance)
+        models = {"classifier": pl_module, "autoencoder": autoencoder}
+        cache = evaluation_cache(
+            trainer, f"detection-{stage}", self.cache_dir, self.autoencoder_path, models, self.threat.as_dict()
+        )
         shards = list(cached_batches(trainer, f"detection {stage}", cache, (order, x, y), self.batch_size, compute))
         records = {key: torch.cat([s[key].cpu() for s in shards]) for key in shards[0]}
         summary = summarize(records, self.threat)
