@@ -9,17 +9,22 @@ from importlib import import_module
 _EXPORTS = {
     "Classifier": "dmm.models",
     "Autoencoder": "dmm.models",
-    "IsometricAutoencoder": "dmm.models",
-    "IRAutoencoder": "dmm.models",
+    "Isometry": "dmm.models",
+    "RelaxedDistortion": "dmm.models",
     "MNISTDataModule": "dmm.data",
     "FashionMNISTDataModule": "dmm.data",
     "CIFAR10DataModule": "dmm.data",
     "ImageNetDataModule": "dmm.data",
     "SyntheticManifoldDataModule": "dmm.data",
-    "RelabelledAdversarialDataModule": "dmm.data",
-    "ManifoldDecomposition": "dmm.callbacks",
+    "RelabelledDataModule": "dmm.data",
+    "PredictSplits": "dmm.data",
+    "Relabeller": "dmm.models",
+    "ShardWriter": "dmm.callbacks",
+    "Evaluation": "dmm.callbacks",
     "ManifoldDynamics": "dmm.callbacks",
-    "AdversarialDetection": "dmm.callbacks",
+    "Decomposition": "dmm.measures",
+    "Detection": "dmm.measures",
+    "Geometry": "dmm.measures",
 }
 
 __all__ = list(_EXPORTS)

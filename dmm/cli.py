@@ -1,44 +1,60 @@
 """The ``dmm`` command: a LightningCLI that links data facts into models and gives every run its folder.
 
 Every run (fit, validate, test, predict) writes into its own folder ``<root>/<run name>/``: the resolved
-``config.yaml``, ``checkpoints/`` (best and last) and ``wandb/``. ``<root>`` is ``trainer.default_root_dir``
-(default ``runs``); the name is the SLURM job id on a cluster (so a requeued job resumes in place) and a
-timestamp plus random suffix elsewhere, so two runs never write into the same folder.
+``config.yaml``, ``checkpoints/`` (best and last) and ``wandb/`` (whose run config is the same resolved
+config). ``<root>`` is ``trainer.default_root_dir`` (default ``runs``); the name is the SLURM job id on a
+cluster (so a requeued job resumes in place) and a timestamp plus random suffix elsewhere, so two runs
+never write into the same folder. A run that fails before its first batch ends leaves no folder behind.
+
+Bad input ends as one ``dmm: error:`` line (exit status 2): a bad option or value, a checkpoint path that
+is not there, and any exception that a configured class raises while it is built or before its first
+batch ends, named by its config key (see :mod:`dmm.errors`).
 """
 
 from __future__ import annotations
 
 import logging
-import netrc
 import os
 import secrets
-import socket
+import shutil
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlparse
+from typing import Any
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+import lightning as L
+import torch
+import yaml
+from jsonargparse import Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 import dmm.data  # noqa: F401  (registers the classes so configs can name them briefly)
 import dmm.models  # noqa: F401
-from dmm.callbacks import Checkpoint, ManifoldDecomposition, RNGState
-from dmm.errors import DmmError
+from dmm.callbacks import Checkpoint, Evaluation, RNGState
+from dmm.errors import TRACEBACK_ENV, ConfigError, DmmError, Owner, blame, config_owners, is_bug, user_error
+from dmm.loggers import configure_wandb, finish_wandb, log_config
 
 log = logging.getLogger("dmm")
 
 RUN_DIR_ENV = "DMM_RUN_DIR"  # set by the first process so DDP workers it launches share the folder
+CKPT_HINT = (
+    "pass a checkpoint file written by `dmm fit` (runs/<run>/checkpoints/best-*.ckpt, or last.ckpt to resume) "
+    "or its run folder runs/<run> for that run's best checkpoint"
+)
 
 
-def _new_run_dir(root: Path) -> Path:
+def _new_run_dir(root: Path) -> tuple[Path, bool]:
+    """The run folder, and whether this process made it (and may remove it if the run never starts)."""
     if os.environ.get(RUN_DIR_ENV):
-        return Path(os.environ[RUN_DIR_ENV])
+        return Path(os.environ[RUN_DIR_ENV]), False
     if os.environ.get("SLURM_JOB_ID"):
         name = "slurm-" + os.environ["SLURM_JOB_ID"]
         if os.environ.get("SLURM_ARRAY_TASK_ID"):
             name += "-" + os.environ["SLURM_ARRAY_TASK_ID"]
         path = root / name  # shared by every task of the job and by its requeues
         path.mkdir(parents=True, exist_ok=True)
+        owned = False
     else:
         while True:
             path = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
@@ -47,41 +63,72 @@ def _new_run_dir(root: Path) -> Path:
                 break
             except FileExistsError:
                 continue
+        owned = True
     os.environ[RUN_DIR_ENV] = str(path)
-    return path
+    return path, owned
 
 
-def _wandb_reachable(timeout: float = 3.0) -> bool:
-    """A W&B key is configured and the server accepts a TCP connection within ``timeout`` seconds."""
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
-    has_key = bool(os.environ.get("WANDB_API_KEY"))
-    if not has_key:
-        try:
-            has_key = netrc.netrc().authenticators(host) is not None
-        except (FileNotFoundError, netrc.NetrcParseError):
-            has_key = False
-    if not has_key:
-        return False
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
+def best_checkpoint(run_dir: Path) -> Path:
+    """The best checkpoint of a ``dmm fit`` run folder (``<run>/checkpoints/best-*.ckpt``)."""
+    folder = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
+    candidates = sorted(folder.glob("best-*.ckpt"))
+    if len(candidates) > 1 and (folder / "last.ckpt").is_file():  # save_top_k > 1: ask the run which is best
+        state = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True).get("callbacks", {})
+        best = {Path(s.get("best_model_path", "")).name for k, s in state.items() if k.startswith("ModelCheckpoint")}
+        candidates = [c for c in candidates if c.name in best] or candidates
+    if len(candidates) != 1:
+        found = ", ".join(c.name for c in candidates) or "no best-*.ckpt"
+        raise DmmError(f"--ckpt_path {run_dir}: a run folder must hold one best checkpoint, found {found}; {CKPT_HINT}")
+    return candidates[0]
 
 
-def configure_wandb(run_dir: Path) -> None:
-    """Go offline by ourselves when W&B has no account or no network: never a login prompt, never a hang."""
-    os.environ.setdefault("WANDB_INIT_TIMEOUT", "30")
-    if os.environ.get("WANDB_MODE"):
+def check_ckpt_path(subcommand: str, config: Namespace) -> None:
+    """Refuse a checkpoint path Lightning would fail on deep inside a run; a run folder becomes its best file."""
+    path = config.get("ckpt_path")
+    if path is None or "://" in str(path):  # remote paths are Lightning's to check
         return
-    if not _wandb_reachable():
-        os.environ["WANDB_MODE"] = "offline"
-        log.warning(
-            "W&B: no API key or no network, logging offline to %s/wandb. "
-            "Upload later with: wandb sync %s/wandb/offline-run-*",
-            run_dir,
-            run_dir,
-        )
+    if path in ("best", "last", "hpc", "registry"):
+        if subcommand == "fit" and path == "hpc":
+            return
+        raise DmmError(f"--ckpt_path {path} names a checkpoint of an earlier fit in this same process; {CKPT_HINT}")
+    if Path(path).is_dir():
+        config.ckpt_path = str(best_checkpoint(Path(path)))
+    elif not Path(path).is_file():
+        raise DmmError(f"--ckpt_path {path}: no such file; {CKPT_HINT}")
+
+
+class DmmArgumentParser(LightningArgumentParser):
+    """A parse error is the message and a pointer to ``--help``, without the usage dump of every option."""
+
+    def error(self, message: str, ex: Exception | None = None) -> None:
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        command = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"dmm: error: {message.strip()}\nSee `{command} --help` for the options.\n")
+        sys.exit(2)
+
+
+class SaveConfig(SaveConfigCallback):
+    """``config.yaml`` in the run folder, and the same resolved config on the W&B run.
+
+    LightningCLI saves the config to a file only (Lightning issue #19728); on W&B it makes every setting a
+    run config key (``trainer.max_epochs``, ``model.init_args.optimizer.init_args.lr``, ``evaluation.num_images``).
+    """
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        log_config(trainer.loggers, yaml.safe_load(self.parser.dump(self.config, skip_none=False)))
+
+
+class FirstBatch(L.Callback):
+    """Remembers whether any batch of any stage (sanity check included) has finished."""
+
+    done = False
+
+    def _done(self, *args: Any) -> None:
+        self.done = True
+
+    on_train_batch_end = on_validation_batch_end = on_test_batch_end = on_predict_batch_end = _done
 
 
 class DmmCLI(LightningCLI):
@@ -91,17 +138,34 @@ class DmmCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)  # systems own their optimiser arguments
-        kwargs.setdefault("parser_kwargs", {"exit_on_error": True})
+        kwargs.setdefault("parser_kwargs", {"exit_on_error": True, "prog": "dmm"})
+        kwargs.setdefault("parser_class", DmmArgumentParser)
+        kwargs.setdefault("save_config_callback", SaveConfig)
         kwargs.setdefault("trainer_defaults", {"callbacks": [RNGState()]})
-        super().__init__(*args, **kwargs)
+        self.first_batch, self.run_dir, self.stage = FirstBatch(), None, "parse"
+        try:
+            super().__init__(*args, **kwargs)
+            if self.subcommand is not None:
+                finish_wandb(exit_code=0)
+        except Exception as error:
+            try:
+                explained = self._explain(error)
+            except Exception:  # never hide the real error behind one of ours
+                explained = None
+            if not self.first_batch.done:
+                self._remove_run_dir()
+            if explained is None:
+                raise
+            raise explained from error
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Models that take these parameters get them from the data module; the others ignore the link.
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_shape", "model.init_args.input_shape", apply_on="instantiate")
         parser.add_lightning_class_args(Checkpoint, "checkpoint")  # last.ckpt always the latest
-        # Off until `--decomposition.autoencoder PATH` is given; short keys such as --decomposition.eps.
-        parser.add_lightning_class_args(ManifoldDecomposition, "decomposition")
+        # Every measure runs through this one callback: `--evaluation.autoencoder PATH` turns on the default
+        # Decomposition; `--evaluation.measure.attack.eps 2`, or a config's `evaluation.measure: {class_path: ...}`.
+        parser.add_lightning_class_args(Evaluation, "evaluation")
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,
@@ -114,9 +178,15 @@ class DmmCLI(LightningCLI):
             }
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        if self.config.get("subcommand"):  # before the run folder exists, and before Lightning reads the file
+            check_ckpt_path(self.config.subcommand, self.config[self.config.subcommand])
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        run_dir = _new_run_dir(Path(config.trainer.default_root_dir or "runs"))
+        run_dir, owned = _new_run_dir(Path(config.trainer.default_root_dir or "runs"))
+        self.run_dir = run_dir if owned else None
         if (run_dir / "config.yaml").is_file():
             # Only a requeued SLURM job comes back to a run folder; anything else there is another command's run.
             if int(os.environ.get("SLURM_RESTART_COUNT", "0")) < 1:
@@ -140,6 +210,59 @@ class DmmCLI(LightningCLI):
             if class_path and getattr(logger.init_args, "save_dir", None) in (None, "."):
                 logger.init_args.save_dir = str(run_dir)
         log.info("run folder: %s", run_dir)
+        self.stage = "instantiate"
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(self.first_batch)
+        return trainer
+
+    def after_instantiate_classes(self) -> None:
+        self.stage = "run"
+
+    def _owners(self) -> list[Owner]:
+        """What the user configured, by config key (see :func:`dmm.errors.config_owners`)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        groups = {}
+        for key, group in self._parser(self.subcommand).groups.items():
+            cls = getattr(group, "group_class", None)
+            # Once running, every frame under trainer.fit has the Trainer as self: it blames nothing then.
+            if cls is not None and key in config and not (self.stage == "run" and issubclass(cls, L.Trainer)):
+                groups[key] = cls
+        built = None
+        if self.stage == "run":
+            built = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        return config_owners(config, groups, built)
+
+    def _explain(self, error: Exception) -> DmmError | None:
+        """A one-line error for what the user can fix, or None to keep the traceback."""
+        if self.stage == "parse" or _traceback_wanted():
+            return None  # a parse error exits before this
+        message = user_error(error)
+        if message is not None:  # already one line; built by a configured class, it gets its key if it has none
+            found = blame(error, self._owners()) if self.stage == "instantiate" and "--" not in str(message) else None
+            return None if found is None else DmmError(f"--{found.key} ({found.label}): {message}")
+        if isinstance(error, MisconfigurationException):
+            found = blame(error, self._owners())
+            return ConfigError(found.key if found else "trainer", found.label if found else "Lightning", error)
+        if is_bug(error) or self.first_batch.done:
+            return None
+        found = blame(error, self._owners())
+        return None if found is None else ConfigError(found.key, found.label, error)
+
+    def _remove_run_dir(self) -> None:
+        """A run that never finished a batch leaves nothing behind (only a folder this process made)."""
+        if self.run_dir is None or not self.run_dir.is_dir():
+            return
+        finish_wandb(exit_code=1)  # its writer would otherwise go on writing into the folder
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        if os.environ.get(RUN_DIR_ENV) == str(self.run_dir):
+            del os.environ[RUN_DIR_ENV]
+        log.info("removed %s: the run failed before its first batch", self.run_dir)
+
+
+def _traceback_wanted() -> bool:
+    return os.environ.get(TRACEBACK_ENV, "0") not in ("", "0")
 
 
 def main(args: list[str] | None = None) -> None:
@@ -148,20 +271,9 @@ def main(args: list[str] | None = None) -> None:
     try:
         DmmCLI(args=args)
     except Exception as error:
-        cause = _user_error(error)
-        if cause is None:
+        cause = user_error(error)
+        if cause is None or _traceback_wanted():
             raise
         # The message is the whole story: no traceback, the same status as an argument error.
         sys.stderr.write(f"dmm: error: {cause}\n")
         sys.exit(2)
-
-
-def _user_error(error: BaseException | None) -> DmmError | None:
-    """The DmmError behind an exception, also when jsonargparse wrapped it while instantiating a class."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, DmmError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None

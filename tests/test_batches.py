@@ -1,4 +1,4 @@
-"""Cached, resumable batches of the decomposition and detection callbacks."""
+"""Cached, resumable batches of the evaluation callback, with the decomposition and the detection measures."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-import dmm.callbacks.decomposition as decomposition
-import dmm.callbacks.detection as detection
 from dmm.callbacks.batches import BatchCache, module_digest
 from dmm.cli import main
 from dmm.errors import DmmError
+from dmm.measures import Decomposition, Detection
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUIET = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+NO_GRID = ["--evaluation.num_grid=0"]  # the image grid is tested in test_evaluation.py, and takes seconds to draw
 
 
 class Killed(Exception):
@@ -29,18 +29,18 @@ def run(*args: str) -> None:
     main(list(args))
 
 
-def calls_to(monkeypatch: pytest.MonkeyPatch, module, die_on: int | None = None) -> list[int]:
-    """Wrap ``module.measure``: record each batch size; raise ``Killed`` at call number ``die_on``."""
+def calls_to(monkeypatch: pytest.MonkeyPatch, measure: type, die_on: int | None = None) -> list[int]:
+    """Wrap ``measure.measure``: record each batch size; raise ``Killed`` at call number ``die_on``."""
     calls: list[int] = []
-    original = module.measure
+    original = measure.measure
 
-    def wrapper(model, encoder, decoder, x, *args, **kwargs):
-        calls.append(len(x))
+    def wrapper(self, models, batch):
+        calls.append(len(batch.x))
         if len(calls) == die_on:
             raise Killed
-        return original(model, encoder, decoder, x, *args, **kwargs)
+        return original(self, models, batch)
 
-    monkeypatch.setattr(module, "measure", wrapper)
+    monkeypatch.setattr(measure, "measure", wrapper)
     return calls
 
 
@@ -86,32 +86,33 @@ def test_killed_decomposition_resumes_from_its_finished_batches(
     autoencoder = train_synthetic_autoencoder()
     cache = tmp_path / "cache"
     common = ["--config", str(CONFIGS / "synthetic" / "classifier.yaml"), "--ckpt_path", str(classifier), *QUIET,
-              "--decomposition.autoencoder", str(autoencoder), "--decomposition.num_images=40",
-              "--decomposition.steps=5", "--decomposition.batch_size=16", "--trainer.limit_test_batches=1"]  # fmt: skip
+              "--evaluation.autoencoder", str(autoencoder), "--evaluation.num_images=40",
+              "--evaluation.measure.attack.steps=5", "--evaluation.batch_size=16",
+              "--trainer.limit_test_batches=1", *NO_GRID]  # fmt: skip
 
     def test(name: str, *args: str) -> dict:
         run("test", *common, *args, "--trainer.default_root_dir", str(tmp_path / name))
         (folder,) = (tmp_path / name).glob("*/decomposition")
         return torch.load(folder / "test-epoch0-samples.pt", weights_only=True)
 
-    uncached = test("uncached", "--decomposition.cache_dir=")
+    uncached = test("uncached", "--evaluation.cache_dir=")
     assert not cache.exists() and not (autoencoder.parent / "cache").exists()
 
-    calls = calls_to(monkeypatch, decomposition, die_on=2)
+    calls = calls_to(monkeypatch, Decomposition, die_on=2)
     with pytest.raises(Killed):  # the first of three batches was finished
-        test("killed", f"--decomposition.cache_dir={cache}")
-    calls = calls_to(monkeypatch, decomposition)
-    resumed = test("resumed", f"--decomposition.cache_dir={cache}")
+        test("killed", f"--evaluation.cache_dir={cache}")
+    calls = calls_to(monkeypatch, Decomposition)
+    resumed = test("resumed", f"--evaluation.cache_dir={cache}")
     assert calls == [16, 8]  # only the two unfinished batches
     assert resumed.keys() == uncached.keys()
     for key, value in uncached.items():
         assert torch.allclose(resumed[key].float(), value.float(), equal_nan=True), key
 
-    again = test("again", f"--decomposition.cache_dir={cache}")
+    again = test("again", f"--evaluation.cache_dir={cache}")
     assert calls == [16, 8] and all(torch.equal(again[k], resumed[k]) for k in resumed)  # nothing recomputed
     (provenance,) = cache.glob("decomposition-test-*/provenance.json")
     assert json.loads(provenance.read_text())["settings"]["steps"] == 5
-    test("other_eps", f"--decomposition.cache_dir={cache}", "--decomposition.eps=2.0")
+    test("other_eps", f"--evaluation.cache_dir={cache}", "--evaluation.measure.attack.eps=2.0")
     assert calls == [16, 8, 16, 16, 8]  # another setting, another cache
 
 
@@ -119,12 +120,12 @@ def test_detection_rerun_reads_its_cache(
     tmp_path: Path, classifier: Path, train_synthetic_autoencoder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     autoencoder = train_synthetic_autoencoder()
-    settings = dict(autoencoder=autoencoder, num_images=24, batch_size=16, steps=5)
-    callback = [f"--trainer.callbacks.init_args.{key}={value}" for key, value in settings.items()]
-    calls = calls_to(monkeypatch, detection)
+    settings = {"autoencoder": autoencoder, "num_images": 24, "batch_size": 16, "measure.attack.steps": 5}
+    callback = [f"--evaluation.{key}={value}" for key, value in settings.items()]
+    calls = calls_to(monkeypatch, Detection)
     summaries = []
     for name in ("first", "second"):
-        run("test", "--config", str(CONFIGS / "synthetic" / "detection.yaml"), *callback, *QUIET,
+        run("test", "--config", str(CONFIGS / "synthetic" / "detection.yaml"), *callback, *QUIET, *NO_GRID,
             "--ckpt_path", str(classifier), "--trainer.limit_test_batches=1",
             "--trainer.default_root_dir", str(tmp_path / name))  # fmt: skip
         (written,) = (tmp_path / name).glob("*/detection/test-epoch0.json")

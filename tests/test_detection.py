@@ -1,30 +1,24 @@
-"""Compression against adversarial examples: exact AUROCs on a linear manifold, white-box PTC, the callback."""
+"""Compression against adversarial examples: exact AUROCs on a linear manifold, the noise control, white-box PTC."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dmm.attacks import pgd
-from dmm.callbacks import AdversarialDetection
-from dmm.cli import main
-from dmm.detection import ProjectThenClassify, Threat, auroc, measure, scores, summarize
+from dmm.attacks import PGD
 from dmm.errors import DmmError
-from dmm.manifold import projector
+from dmm.manifold import Subspace
+from dmm.measures import Detection, Models, ProjectThenClassify, make_batch
+from dmm.measures.detection import equal_norm_noise, input_gradient_norm, scores
+from dmm.measures.statistics import auroc
 from dmm.nets import MLP, MLPDecoder, MLPEncoder
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHAPE = (1, 8, 8)
 N, K = math.prod(SHAPE), 3
-
-pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 
 class LinearEncoder(nn.Module):
@@ -50,6 +44,35 @@ def linear_manifold(points: int = 256):
     normal = torch.randn(points, N, generator=generator)
     normal = normal - (normal @ a) @ a.T  # orthogonal to the plane
     return LinearEncoder(a), LinearDecoder(a), x, a, normal / normal.norm(dim=1, keepdim=True)
+
+
+@pytest.fixture
+def models() -> Models:
+    torch.manual_seed(0)
+    return Models(MLP(SHAPE, 3, hidden=(32,), dropout=0.0), MLPEncoder(SHAPE, K, hidden=(16,)),
+                  MLPDecoder(K, SHAPE, hidden=(16,)))  # fmt: skip
+
+
+def brute_force_auroc(negatives: torch.Tensor, positives: torch.Tensor) -> float:
+    """P(positive > negative) + P(tie) / 2 over every pair: the definition, O(m n)."""
+    difference = positives[None, :].double() - negatives[:, None].double()
+    return ((difference > 0).double() + 0.5 * (difference == 0).double()).mean().item()
+
+
+def test_auroc_is_the_pairwise_definition_at_any_score_scale() -> None:
+    """Rank AUROC equals the pair count, ties included, and no rescaling of the scores changes it: a sigmoid
+    applied to scores above 1 (torchmetrics' treatment of non-probabilities) would saturate them into ties."""
+    generator = torch.Generator().manual_seed(0)
+    negatives = 3 * torch.rand(200, generator=generator)
+    positives = 3 * torch.rand(150, generator=generator) + 0.5
+    positives[:20] = negatives[:20]  # ties across the groups
+    expected = brute_force_auroc(negatives, positives)
+    assert 0.6 < expected < 0.9
+    assert auroc(negatives, positives) == pytest.approx(expected, abs=1e-12)
+    assert auroc(40 * negatives, 40 * positives) == pytest.approx(expected, abs=1e-12)
+    assert brute_force_auroc(torch.sigmoid(40 * negatives), torch.sigmoid(40 * positives)) != pytest.approx(expected)
+    assert auroc(positives, negatives) == pytest.approx(1 - expected, abs=1e-12)
+    assert math.isnan(auroc(negatives[:0], positives))
 
 
 def test_scores_separate_off_manifold_inputs_perfectly() -> None:
@@ -86,17 +109,27 @@ def test_offmanifold_score_ignores_the_encoders_error_along_the_manifold() -> No
     assert s["recon"].min() > 0.05 and s["offmanifold"].max() < 1e-5
 
 
-@pytest.fixture
-def models() -> tuple[nn.Module, nn.Module, nn.Module]:
-    torch.manual_seed(0)
-    return (
-        MLP(SHAPE, 3, hidden=(32,), dropout=0.0),
-        MLPEncoder(SHAPE, K, hidden=(16,)),
-        MLPDecoder(K, SHAPE, hidden=(16,)),
-    )
+def test_noise_control_has_the_perturbations_norm_and_the_images_own_draw() -> None:
+    generator = torch.Generator().manual_seed(4)
+    x = 0.25 + 0.5 * torch.rand(16, *SHAPE, generator=generator)  # far enough from the box for no clamping
+    d = 0.2 * torch.randn(16, *SHAPE, generator=generator) / 8
+    batch = make_batch(x, torch.zeros(16, dtype=torch.long), torch.arange(16), seed=0)
+    noise = equal_norm_noise(x, d, batch.generators)
+    assert torch.allclose((noise - x).flatten(1).norm(dim=1), d.flatten(1).norm(dim=1), atol=1e-6)
+    again = equal_norm_noise(x, d, make_batch(x, batch.y, batch.index, seed=0).generators)
+    assert torch.equal(noise, again)
+    cosine = torch.nn.functional.cosine_similarity((noise - x).flatten(1), d.flatten(1))
+    assert cosine.abs().max() < 0.6  # random directions in R^64, not d's
 
 
-def test_project_then_classify_is_the_composition_and_has_gradients(models) -> None:
+class Rounding(nn.Module):
+    """An autoencoder that snaps pixels to {0, 1}: its gradient is zero almost everywhere."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+
+def test_project_then_classify_is_the_composition_and_has_gradients(models: Models) -> None:
     classifier, encoder, decoder = models
     ptc = ProjectThenClassify(classifier, nn.Sequential(encoder, decoder))
     x = torch.rand(16, *SHAPE, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
@@ -104,6 +137,9 @@ def test_project_then_classify_is_the_composition_and_has_gradients(models) -> N
     assert torch.equal(logits, classifier(decoder(encoder(x))))
     (grad,) = torch.autograd.grad(F.cross_entropy(logits, torch.zeros(16, dtype=torch.long)), x)
     assert (grad.flatten(1).norm(dim=1) > 0).all()  # the autoencoder does not mask the gradient
+    y = torch.zeros(16, dtype=torch.long)
+    assert (input_gradient_norm(ptc, x.detach(), y) > 0).all()
+    assert (input_gradient_norm(ProjectThenClassify(classifier, Rounding()), x.detach(), y) == 0).all()
 
 
 def test_white_box_pgd_goes_through_the_projection() -> None:
@@ -117,58 +153,46 @@ def test_white_box_pgd_goes_through_the_projection() -> None:
     ptc = ProjectThenClassify(classifier, nn.Sequential(encoder, decoder))
     y = ptc(x).argmax(dim=1)
     assert torch.equal(y, classifier(x).argmax(dim=1))
-    fooled = ptc(pgd(ptc, x, y, eps=0.5, steps=20, clamp=False)).argmax(dim=1) != y
-    assert fooled.all()
-    off = projector(a.expand(64, N, K), off=True)  # the plane's normal space
-    assert torch.equal(ptc(pgd(ptc, x, y, eps=0.5, steps=20, clamp=False, project=off)).argmax(dim=1), y)
+    attack = PGD(eps=0.5, steps=20, clamp=False)
+    assert (ptc(attack(ptc, x, y)).argmax(dim=1) != y).all()
+    normal_space = Subspace(a.expand(64, N, K)).complement()  # the plane's normal space
+    assert torch.equal(ptc(attack(ptc, x, y, project=normal_space)).argmax(dim=1), y)
 
 
-def test_measure_and_summary_are_consistent(models) -> None:
+def test_measure_and_summary_are_consistent(models: Models) -> None:
     generator = torch.Generator().manual_seed(2)
     x, y = torch.rand(32, *SHAPE, generator=generator), torch.randint(0, 3, (32,), generator=generator)
-    threat = Threat(eps=3.0, eps_curve=(0.0, 1.0, 3.0), steps=10)
-    records = measure(*models, x, y, threat)
+    measure = Detection(PGD(eps=3.0, steps=10), eps_curve=[3.0, 0.0, 1.0])
+    assert measure.eps_curve == (0.0, 1.0, 3.0)
+    records = measure.measure(models, make_batch(x, y, torch.arange(32), seed=0))
     assert all(value.shape == (32,) for value in records.values())
-    s = summarize(records, threat)
+    for kind in ("clean", "adversarial", "noise"):
+        assert {f"{kind}/recon", f"{kind}/offmanifold"} <= records.keys()
+    assert torch.equal(records["fooled"], records["classifier/correct"] & ~records["classifier/robust@3"])
+    s = measure.summarize(records)
     for model in ("classifier", "ptc"):
-        curve = [s[f"{model}/clean_acc"]] + [s[f"{model}/robust_acc@{e:g}"] for e in threat.eps_curve]
+        curve = [s[f"{model}/clean_acc"]] + [s[f"{model}/robust_acc@{e:g}"] for e in measure.eps_curve]
         assert curve[0] == curve[1] and curve == sorted(curve, reverse=True)
     assert s["classifier/robust_acc@3"] == pytest.approx(s["classifier/clean_acc"] - s["detect/num_adversarial"] / 32)
-    assert s["detect/num_adversarial"] > 0 and 0 <= s["detect/auroc_recon"] <= 1
+    assert s["detect/num_adversarial"] > 0
+    for key in ("detect/auroc_recon", "detect/auroc_offmanifold", "detect/auroc_recon_noise",
+                "detect/auroc_offmanifold_noise"):  # fmt: skip
+        assert 0 <= s[key] <= 1, key
+    fooled = records["fooled"]
+    assert s["detect/auroc_recon"] == pytest.approx(
+        brute_force_auroc(records["clean/recon"][fooled], records["adversarial/recon"][fooled]), abs=1e-12
+    )
     assert s["ptc/zero_grad_rate"] == 0
+    # Rescaled scores (another unit, or a detector's temperature) leave every AUROC where it was.
+    scaled = {key: 40 * value if key.split("/")[0] in ("clean", "adversarial", "noise") else value
+              for key, value in records.items()}  # fmt: skip
+    rescaled = measure.summarize(scaled)
+    for key in (k for k in s if "auroc" in k):
+        assert rescaled[key] == s[key], key
 
 
 def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(DmmError, match="eps_curve"):
+        Detection(eps_curve=[1.0, -1.0])
     with pytest.raises(DmmError, match="eps"):
-        AdversarialDetection(eps_curve=[1.0, -1.0])
-    with pytest.raises(DmmError, match="num_images"):
-        AdversarialDetection(num_images=0)
-
-
-def run(*args: str) -> None:
-    os.environ.pop("DMM_RUN_DIR", None)
-    main(list(args))
-
-
-def test_callback_through_validate_and_test(tmp_path: Path, train_synthetic_autoencoder) -> None:
-    quiet = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=1"]
-    autoencoder = train_synthetic_autoencoder()
-    detection = [
-        f"--trainer.callbacks.init_args.{key}={value}"
-        for key, value in dict(autoencoder=autoencoder, num_images=24, batch_size=16, steps=5).items()
-    ]
-    for subcommand in ("validate", "test"):  # an untrained classifier: the plumbing, not the numbers
-        run(
-            subcommand,
-            "--config",
-            str(CONFIGS / "synthetic" / "detection.yaml"),
-            *detection,
-            *quiet,
-            "--trainer.limit_test_batches=1",
-            "--trainer.default_root_dir",
-            str(tmp_path / "clf"),
-        )
-    written = {p.name: json.loads(p.read_text()) for p in (tmp_path / "clf").glob("*/detection/*.json")}
-    assert sorted(written) == ["test-epoch0.json", "val-epoch0.json"]
-    summary = written["test-epoch0.json"]["summary"]
-    assert summary["num_images"] == 24 and {"ptc/clean_acc", "ptc/robust_acc@1", "detect/auroc_recon"} <= set(summary)
+        Detection(attack=PGD(eps=-1.0))

@@ -12,11 +12,12 @@ import pytest
 import torch
 from torch import nn
 
+from dmm.attacks import PGD
 from dmm.callbacks import ManifoldDynamics
 from dmm.cli import main
-from dmm.dynamics import BoundarySearch, measure, summarize
 from dmm.errors import DmmError
-from dmm.manifold import random_basis
+from dmm.manifold import Subspace, random_basis, random_fraction_mean
+from dmm.measures import Geometry
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SHAPE = (1, 8, 8)
@@ -37,6 +38,11 @@ class Linear2(nn.Module):
         return x.flatten(1) @ self.w.T
 
 
+def search(eps: float, steps: int, step_size: float, clamp: bool = True) -> Geometry:
+    """The boundary search: early-stopped L2 PGD in equal steps."""
+    return Geometry(PGD(eps=eps, steps=steps, step_size=step_size, clamp=clamp, early_stop=True))
+
+
 def linear_case(aligned: bool, points: int = 8) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Class-0 points at distance MARGIN from the boundary w.x = 0; tangent bases containing w or orthogonal to it."""
     generator = torch.Generator().manual_seed(0)
@@ -55,8 +61,8 @@ def linear_case(aligned: bool, points: int = 8) -> tuple[nn.Module, torch.Tensor
 def test_linear_case_is_exact(aligned: bool) -> None:
     """Gradient in the tangent space: on-fraction 1, the boundary as near on-manifold as free, never off it."""
     model, x, y, q = linear_case(aligned)
-    search = BoundarySearch(eps=1.0, steps=30, step_size=0.05, clamp=False)
-    out = measure(model, x, y, q, random_basis(8, N, 3, generator=torch.Generator().manual_seed(1)), search)
+    random = Subspace(random_basis(8, N, 3, generator=torch.Generator().manual_seed(1)))
+    out = search(eps=1.0, steps=30, step_size=0.05, clamp=False).measure_at(model, x, y, Subspace(q), random)
     for loss in ("ce", "margin"):
         assert out[f"grad_on/{loss}"] == pytest.approx(torch.full((8,), float(aligned)), abs=1e-5)
     full, on, off = (out[f"distance/{a}"] for a in ("full", "on", "off"))
@@ -68,11 +74,13 @@ def test_linear_case_is_exact(aligned: bool) -> None:
 def test_random_control_matches_the_expected_fraction() -> None:
     """A random k-subspace of R^n holds E||Q^T u|| = G((k+1)/2) G(n/2) / (G(k/2) G((n+1)/2)) ~ sqrt(k/n), G = Gamma."""
     model, x, y, q = linear_case(aligned=True, points=512)
-    random = random_basis(512, N, 3, generator=torch.Generator().manual_seed(2))
-    out = measure(model, x, y, q, random, BoundarySearch(eps=0.1, steps=1, step_size=0.1))
+    random = Subspace(random_basis(512, N, 3, generator=torch.Generator().manual_seed(2)))
+    geometry = search(eps=0.1, steps=1, step_size=0.1)
+    out = geometry.measure_at(model, x, y, Subspace(q), random)
     k = 3
     exact = math.exp(math.lgamma((k + 1) / 2) + math.lgamma(N / 2) - math.lgamma(k / 2) - math.lgamma((N + 1) / 2))
-    summary = summarize(out)
+    assert random_fraction_mean(k, N) == pytest.approx(exact, rel=1e-12)
+    summary = geometry.summarize(out)
     assert summary["grad_random/ce"] == pytest.approx(exact, rel=0.05)
     assert summary["grad_random/ce"] == pytest.approx(math.sqrt(k / N), rel=0.15)
     assert summary["grad_on/ce"] == pytest.approx(1.0, abs=1e-5)
@@ -88,7 +96,7 @@ def test_measurement_leaves_a_training_model_as_it_was() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _, x, y, q = linear_case(aligned=True)
     with torch.inference_mode():  # as in a Lightning validation hook
-        out = measure(model, x, y, q, q, BoundarySearch(eps=0.5, steps=5, step_size=0.1))
+        out = search(eps=0.5, steps=5, step_size=0.1).measure_at(model, x, y, Subspace(q), Subspace(q))
     assert all(m.training for m in model.modules())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
@@ -107,9 +115,8 @@ def test_summary_quantiles_count_points_beyond_the_search_as_infinite() -> None:
         "distance/on": torch.tensor([0.1, float("inf"), float("inf"), float("inf"), 0.0]),
         "distance/off": torch.tensor([0.1, 0.2, float("inf"), float("inf"), 0.0]),
     }
-    s = summarize(records)
+    s = Geometry().summarize(records)
     assert s["accuracy"] == pytest.approx(0.8) and s["grad_on/ce"] == pytest.approx(0.5)  # the NaN is skipped
-    # The misclassified point (distance 0) is left out of the distances.
     # The misclassified point (distance 0) is left out; nearest-rank quartiles of 0.1, 0.2, 0.3, 0.4.
     assert s["distance/full/found"] == 1.0
     assert [s[f"distance/full/{q}"] for q in ("q25", "median", "q75")] == pytest.approx([0.2, 0.3, 0.3])
@@ -121,7 +128,12 @@ def test_bad_arguments_are_refused() -> None:
     with pytest.raises(DmmError, match="every_n_steps"):
         ManifoldDynamics(every_n_steps=0)
     with pytest.raises(DmmError, match="step_size"):
-        ManifoldDynamics(step_size=float("nan"))
+        ManifoldDynamics(attack=PGD(step_size=float("nan")))
+    for attack in (PGD(norm="linf", early_stop=True), PGD(eps=1.0, steps=20, step_size=0.05)):
+        with pytest.raises(DmmError, match="early-stopped L2"):  # the boundary search needs the first crossing
+            ManifoldDynamics(attack=attack)
+    with pytest.warns(UserWarning, match="never found"):  # 10 steps of 0.05 cannot reach 1.0
+        ManifoldDynamics(attack=PGD(eps=1.0, steps=10, step_size=0.05, early_stop=True))
 
 
 def run(*args: str) -> None:
@@ -141,8 +153,9 @@ def test_callback_through_fit_and_resume(tmp_path: Path, train_synthetic_autoenc
     autoencoder = train_synthetic_autoencoder()
     dynamics = [
         f"--trainer.callbacks.init_args.{key}={value}"
-        for key, value in dict(autoencoder=autoencoder, num_points=24, every_n_steps=2, eps=1.0, steps=20).items()
-    ]
+        for key, value in {"autoencoder": autoencoder, "num_points": 24, "every_n_steps": 2, "attack.eps": 1.0,
+                           "attack.steps": 20}.items()
+    ]  # fmt: skip
     common = [
         "--config",
         str(CONFIGS / "synthetic" / "dynamics.yaml"),
@@ -156,7 +169,10 @@ def test_callback_through_fit_and_resume(tmp_path: Path, train_synthetic_autoenc
     run("fit", *common, *first_run, "--trainer.default_root_dir", str(tmp_path / "first"))
     (first,) = (tmp_path / "first").iterdir()
     # Measured after step 1, at step 2 (every_n_steps) and at the epoch's end (step 3).
-    assert [h["step"] for h in json.loads((first / "dynamics.json").read_text())["history"]] == [1, 2, 3]
+    written = json.loads((first / "dynamics.json").read_text())
+    assert [h["step"] for h in written["history"]] == [1, 2, 3]
+    # The search as configured: the command line over the config's attack, the rest PGD's fields.
+    assert written["search"] == PGD(eps=1.0, steps=20, step_size=0.05, early_stop=True).as_dict()
     assert (first / "dynamics.png").stat().st_size > 0
     (metrics,) = (tmp_path / "csv").rglob("metrics.csv")
     logged = [row for row in csv.DictReader(metrics.open()) if row.get("dynamics/grad_on/ce")]

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmm.callbacks import load_autoencoder
 from dmm.cli import main
 from dmm.errors import DmmError
 from dmm.io import atomic_write
+from dmm.models import load_autoencoder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]

@@ -6,6 +6,7 @@ Commands are built by W&B's own code (``wandb.sdk.launch.sweeps.utils``, which t
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -22,7 +23,7 @@ CONFIGS = ROOT / "configs"
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
 # A sweep's base config is swapped for these: seconds on a CPU, no download, no logger.
 CHEAP_BASE = [str(CONFIGS / "synthetic" / "classifier.yaml"), str(CONFIGS / "trainer" / "debug.yaml")]
-CHEAP_DECOMPOSITION = ["--decomposition.num_images=8", "--decomposition.steps=5"]
+CHEAP_EVALUATION = ["--evaluation.num_images=8", "--evaluation.measure.attack.steps=5", "--evaluation.num_grid=0"]
 
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
@@ -64,8 +65,9 @@ def dmm_arguments(sweep: dict, values: dict) -> list[str]:
 
 
 def _lookup(config: dict, dotted: str):
+    """The value at a dotted CLI key in a printed config, whose class-typed values nest under ``init_args``."""
     for part in dotted.split("."):
-        config = config[part]
+        config = config[part] if part in config else config["init_args"][part]
     return config
 
 
@@ -120,5 +122,15 @@ def test_a_sampled_sweep_run_runs(name: str, tmp_path: Path, monkeypatch: pytest
     assert args[base].startswith("configs/")
     args[base : base + 1] = [CHEAP_BASE[0], "--config", CHEAP_BASE[1]]
     os.environ.pop("DMM_RUN_DIR", None)
-    main([*args, *CHEAP_DECOMPOSITION, f"--trainer.default_root_dir={tmp_path / 'sweep'}"])
-    assert len(list((tmp_path / "sweep").iterdir())) == 1
+    main([*args, *CHEAP_EVALUATION, f"--trainer.default_root_dir={tmp_path / 'sweep'}"])
+    (folder,) = (tmp_path / "sweep").iterdir()
+    if sweep["metric"]["name"].startswith("test/decomposition/"):  # the metric the sweep optimises is logged
+        settings, summary = (json.loads((folder / "decomposition" / "test-epoch0.json").read_text())[key]
+                             for key in ("settings", "summary"))  # fmt: skip
+        assert sweep["metric"]["name"].removeprefix("test/decomposition/") in summary
+        for name, value in values.items():  # every swept attack setting and eps_curve reached the measure
+            key = name.rpartition(".")[2]
+            if key in settings:
+                assert settings[key] == value, name
+        if settings["norm"] == "linf":
+            assert settings["arms"] == ["full"]

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
-from dmm.bench import BENCHMARKS
+from dmm.bench import BENCHMARKS, GPU_SIZED, default_benchmarks
 from dmm.bench.core import Options, machine, process_peak_rss_mb
 from dmm.bench.report import text_header, text_rows, update_json, update_markdown
+from dmm.bench.speed import Speed
 from dmm.errors import DmmError
 
 log = logging.getLogger("dmm.bench")
@@ -27,11 +28,16 @@ log = logging.getLogger("dmm.bench")
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m dmm.bench",
-        description="Benchmarks of dmm's attacks, tangent spaces, decomposition callback and training. "
-        "The default set is sized for under 10 minutes on 2 idle CPU cores; --quick takes seconds.",
+        description="Benchmarks of dmm's attacks, tangent spaces, projections, decompositions and training. "
+        "On a CPU the default set is sized for about 10 minutes on 2 idle cores; `--device cuda` adds the "
+        "GPU-sized CIFAR benchmarks; --quick takes seconds.",
     )
     parser.add_argument(
-        "--only", nargs="+", choices=list(BENCHMARKS), metavar="NAME", help=f"of {', '.join(BENCHMARKS)} (default: all)"
+        "--only",
+        nargs="+",
+        choices=list(BENCHMARKS),
+        metavar="NAME",
+        help=f"of {', '.join(BENCHMARKS)} (default: all on cuda; on cpu all but {', '.join(GPU_SIZED)})",
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds; figures not meaningful)")
     parser.add_argument(
@@ -44,7 +50,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--data-dir", type=Path, default=Path("../shared/data"), metavar="DIR", help="folder with MNIST/raw"
     )
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device)
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default=default_device, help="cuda falls back to cpu when there is none"
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        help="classifiers' forward pass in the training and attack benchmarks (cifar_pgd, cifar_train), timed "
+        "against fp32; never for tangent bases or projections (default: bf16 on cuda, fp32 on cpu)",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        help="channels_last memory format there too (default: on for cuda, off for cpu)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the classifiers there too (eager if it fails)"
+    )
     parser.add_argument("--classifier", type=Path, metavar="CKPT", help="trained MNIST classifier checkpoint (dmm fit)")
     parser.add_argument(
         "--autoencoder", type=Path, metavar="CKPT", help="trained MNIST autoencoder checkpoint (dmm fit)"
@@ -74,6 +96,7 @@ def run_benchmark(name: str, opts: Options) -> dict:
         "seconds": time.perf_counter() - start,
         # The 1-minute load average before and after: figures from a busy machine say so.
         "load_average": [load_before, os.getloadavg()[0]],
+        "speed": str(opts.speed),
         "rss_before_mb": rss_before,
         "peak_rss_mb": process_peak_rss_mb(),
         "rows": [row.as_dict() for row in rows],
@@ -82,7 +105,9 @@ def run_benchmark(name: str, opts: Options) -> dict:
 
 def _run_isolated(name: str, args: argparse.Namespace) -> dict:
     """Run one benchmark in a fresh interpreter, so its peak memory is its own."""
-    forward = ["--data-dir", str(args.data_dir), "--device", args.device] + (["--quick"] if args.quick else [])
+    forward = ["--data-dir", str(args.data_dir), "--device", args.device, "--precision", args.precision]
+    forward += ["--channels-last" if args.channels_last else "--no-channels-last"]
+    forward += ["--quick"] * args.quick + ["--compile"] * args.compile
     for flag in ("classifier", "autoencoder", "threads"):
         if getattr(args, flag) is not None:
             forward += [f"--{flag}", str(getattr(args, flag))]
@@ -104,18 +129,25 @@ def main(argv: list[str] | None = None) -> int:
         log.setLevel(logging.INFO)
     args = parse(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise DmmError("--device cuda, but torch sees no CUDA device")
+        log.warning("--device cuda, but torch sees no CUDA device: running on the CPU instead (CPU figures)")
+        args.device = "cpu"
+    if args.precision is None:
+        args.precision = "bf16" if args.device == "cuda" else "fp32"
+    if args.channels_last is None:
+        args.channels_last = args.device == "cuda"
     if args.threads is not None:
         if args.threads < 1:
             raise DmmError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    names = args.only or list(BENCHMARKS)
-    opts = Options(args.device, args.quick, args.data_dir, args.classifier, args.autoencoder)
+    names = args.only or default_benchmarks(args.device)
+    speed = Speed(args.precision, args.channels_last, args.compile)
+    opts = Options(args.device, args.quick, args.data_dir, args.classifier, args.autoencoder, speed)
     if args.child is not None:  # a child runs exactly one benchmark and hands its result back in a file
         args.child.write_text(json.dumps(run_benchmark(names[0], opts)))
         return 0
     info = machine(args.device)
-    sys.stdout.write(f"{info['key']}; torch {info['torch']}, lightning {info['lightning']}\n{text_header()}\n")
+    sys.stdout.write(f"{info['key']}; torch {info['torch']}, lightning {info['lightning']}; {speed}\n")
+    sys.stdout.write(text_header() + "\n")
     failed = False
     for name in names:
         log.info("running %s%s", name, " in this process" if args.in_process else " in a fresh process")

@@ -13,6 +13,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
+
+from dmm.bench.speed import FP32, Speed
+from dmm.errors import DmmError
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def model_args(config: str, dataset: str = "mnist") -> dict:
+    """``model.init_args`` of ``configs/<dataset>/<config>.yaml``, so the benchmarks time the configured sizes."""
+    path = CONFIGS / dataset / f"{config}.yaml"
+    if not path.is_file():
+        raise DmmError(f"{path} not found: run the benchmarks from a checkout of the dmm repository")
+    return yaml.safe_load(path.read_text())["model"]["init_args"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +40,8 @@ class Options:
         classifier: trained MNIST classifier checkpoint; ``None`` means random weights (or, where a
             benchmark needs a model that can be fooled gradually, a briefly trained MLP).
         autoencoder: trained MNIST autoencoder checkpoint; ``None`` means random weights.
+        speed: how classifiers run for the training and attack benchmarks that take it (``cifar_*``),
+            timed against plain float32.
     """
 
     device: str = "cpu"
@@ -33,6 +49,7 @@ class Options:
     data_dir: Path = Path("../shared/data")
     classifier: Path | None = None
     autoencoder: Path | None = None
+    speed: Speed = FP32
 
 
 @dataclass(frozen=True)
@@ -56,7 +73,7 @@ class Row:
     Attributes:
         name: "benchmark/what vs what".
         ours: our figure, in ``unit``.
-        unit: "s", "s/img" or "img/s".
+        unit: a time ("s", "s/img"), a throughput ("img/s", "img·steps/s"), "MiB", or "" for a plain number.
         reference: the reference's figure in the same unit, if there is one.
         ratio: cost ratio (see above).
         target: the bound this row should meet, if any.
@@ -129,12 +146,21 @@ def median(samples: list[float]) -> float:
 
 
 def process_peak_rss_mb() -> float:
-    """This process's peak resident memory so far, MiB (Linux reports ``ru_maxrss`` in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory so far, MiB.
+
+    Linux's ``VmHWM`` belongs to the process image alone; ``ru_maxrss`` (the fallback elsewhere) survives
+    ``exec``, so a fresh benchmark process would report its parent's peak if that were higher.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 class PeakMemory:
-    """Context manager; ``mb`` afterwards is the peak memory of the block, MiB.
+    """Context manager; ``mb`` afterwards is the peak memory of the block, MiB: the one way the suite measures it.
 
     CUDA: the peak allocated inside the block. CPU: the process's peak RSS so far, since an RSS
     high-water mark cannot be reset (each benchmark runs in a fresh process unless ``--in-process``).

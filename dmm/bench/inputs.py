@@ -6,24 +6,14 @@ import functools
 from pathlib import Path
 
 import torch
-import yaml
 from torch import Tensor
 
 from dmm import nets
-from dmm.bench.core import Options
+from dmm.bench.core import Options, model_args
 from dmm.errors import DmmError
 from dmm.models import Autoencoder, Classifier
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "mnist"
 SHAPE = (1, 28, 28)
-
-
-def model_args(config: str) -> dict:
-    """``model.init_args`` of ``configs/mnist/<config>.yaml``, so the benchmarks time the configured sizes."""
-    path = CONFIGS / f"{config}.yaml"
-    if not path.is_file():
-        raise DmmError(f"{path} not found: run the benchmarks from a checkout of the dmm repository")
-    return yaml.safe_load(path.read_text())["model"]["init_args"]
 
 
 def network(spec: str | dict) -> functools.partial:
@@ -50,7 +40,7 @@ def classifier(opts: Options, config: str = "classifier") -> tuple[Classifier, s
 def autoencoder(opts: Options) -> tuple[Autoencoder, str]:
     """The configured MNIST conv autoencoder in eval mode on ``opts.device``, and what its weights are."""
     if opts.autoencoder is not None:
-        from dmm.callbacks import load_autoencoder
+        from dmm.models import load_autoencoder
 
         model, weights = load_autoencoder(opts.autoencoder, SHAPE), f"trained ({opts.autoencoder})"
     else:

@@ -16,7 +16,7 @@ from pathlib import Path
 from dmm.errors import DmmError
 from dmm.io import atomic_write
 
-WIDTHS = (34, 13, 13, 8, 8, 6, 11)  # text-table widths of all columns but the last (notes)
+WIDTHS = (44, 17, 17, 8, 8, 6, 11)  # text-table widths of all columns but the last (notes)
 COLUMNS = ("benchmark", "ours", "reference", "ratio", "target", "status", "peak memory", "notes")
 TITLE = "# dmm benchmarks\n\nWritten by `python -m dmm.bench --markdown`; one section per machine and device.\n"
 
@@ -24,8 +24,12 @@ TITLE = "# dmm benchmarks\n\nWritten by `python -m dmm.bench --markdown`; one se
 def _quantity(value: float | None, unit: str) -> str:
     if value is None or not math.isfinite(value):
         return "—"
-    if unit == "img/s":
-        return f"{value:,.0f} img/s"
+    if unit.endswith("/s"):  # a throughput: img/s, img·steps/s
+        return f"{value:,.0f} {unit}" if value >= 100 else f"{value:.3g} {unit}"
+    if unit == "MiB":
+        return f"{value:,.0f} MiB"
+    if unit == "":  # a plain number: an error, a count
+        return f"{value:.3g}"
     per = "/img" if unit == "s/img" else ""
     if value < 1e-3:
         return f"{value * 1e6:.3g} µs{per}"
@@ -116,8 +120,9 @@ def markdown_section(entry: dict) -> str:
             lines.append("| " + " | ".join(c.replace("|", "/") for c in cells(row)) + " |")
         size = "QUICK sizes, figures not meaningful" if result.get("quick") else "full sizes"
         load = "–".join(f"{v:.1f}" for v in result["load_average"])
+        speed = f", {result['speed']}" if name.startswith("cifar_") and result.get("speed") else ""
         runs.append(
-            f"{name} {result['date']} ({size}, {result['seconds']:.0f} s, load average {load}, "
+            f"{name} {result['date']} ({size}{speed}, {result['seconds']:.0f} s, load average {load}, "
             f"process RSS {result['rss_before_mb']:,.0f} MiB before it)"
         )
     lines += ["", "Runs: " + "; ".join(runs) + ".", end]

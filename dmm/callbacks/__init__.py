@@ -1,16 +1,9 @@
-"""Lightning callbacks: measurements of the DMM taken while a classifier trains, validates or tests."""
+"""Lightning callbacks: the evaluation that runs any measure, the training-time dynamics, exact resumes."""
 
 from dmm.callbacks.checkpoint import Checkpoint
-from dmm.callbacks.decomposition import ManifoldDecomposition, load_autoencoder
-from dmm.callbacks.detection import AdversarialDetection
 from dmm.callbacks.dynamics import ManifoldDynamics
+from dmm.callbacks.evaluation import Evaluation
 from dmm.callbacks.resume import RNGState
+from dmm.callbacks.shards import ShardWriter
 
-__all__ = [
-    "AdversarialDetection",
-    "Checkpoint",
-    "ManifoldDecomposition",
-    "ManifoldDynamics",
-    "RNGState",
-    "load_autoencoder",
-]
+__all__ = ["Checkpoint", "Evaluation", "ManifoldDynamics", "RNGState", "ShardWriter"]

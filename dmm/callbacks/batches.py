@@ -94,20 +94,20 @@ def evaluation_cache(
     trainer: L.Trainer,
     name: str,
     cache_dir: str | None,
-    autoencoder_path: str,
+    default_dir: str | Path,
     models: dict[str, nn.Module],
     settings: dict,
 ) -> BatchCache:
     """The cache of one callback's evaluation: on at ``dmm validate``/``test`` only, whose weights are fixed.
 
-    ``cache_dir`` ``None`` means ``cache/`` beside the autoencoder checkpoint, ``""`` no cache. The provenance
+    ``cache_dir`` ``None`` means ``default_dir``, ``""`` no cache. The provenance
     holds the state digest of each of ``models`` (e.g. classifier, autoencoder), ``settings`` and the dmm version.
     """
     if cache_dir == "" or trainer.state.fn not in ("validate", "test"):
         return BatchCache(None, name, {})
     provenance = {f"{key}_state_sha256": module_digest(model) for key, model in models.items()}
     provenance.update(settings=settings, dmm_version=metadata.version("dmm"))
-    return BatchCache(cache_dir or Path(autoencoder_path).parent / "cache", name, provenance)
+    return BatchCache(cache_dir or default_dir, name, provenance)
 
 
 def cached_batches(

@@ -6,22 +6,20 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor
-from torch.utils.data import default_collate
 
-from dmm.callbacks.decomposition import load_autoencoder
-from dmm.dynamics import ATTACKS, GRADIENTS, BoundarySearch, measure, summarize
+from dmm.attacks import PGD
+from dmm.callbacks.evaluation import finite_or_none, fixed_subset
 from dmm.errors import DmmError
 from dmm.io import atomic_write
-from dmm.manifold import random_basis, tangent_basis
-from dmm.models.autoencoder import Autoencoder
+from dmm.manifold import Subspace, random_basis, tangent_basis
+from dmm.measures.geometry import ARMS, GRADIENTS, Geometry, recalibrated
+from dmm.models.loading import load_autoencoder
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +28,7 @@ class ManifoldDynamics(L.Callback):
     """Track the input gradient's on-manifold fraction and the boundary distances during training.
 
     On a fixed seeded set of ``num_points`` validation images, whose tangent bases (and fixed random
-    control subspaces) are computed once when fit starts, it measures (see :mod:`dmm.dynamics`) after
+    control subspaces) are computed once when fit starts, it measures (see :mod:`dmm.measures.geometry`) after
     global step 1, every ``every_n_steps`` steps and after the last batch of every epoch (with ``doubling``
     also after steps 2, 4, 8, ... below ``every_n_steps``, to resolve the fast early phase): the on-manifold
     fraction of the CE and margin input gradients next to the random baseline, and the median and quartiles
@@ -46,13 +44,15 @@ class ManifoldDynamics(L.Callback):
         num_points: size of the fixed validation subset.
         every_n_steps: measure every this many optimizer steps.
         doubling: also measure at the powers of two below ``every_n_steps`` (a log-spaced start).
-        eps: the largest boundary distance searched (L2); farther points count as ``inf``.
-        steps: PGD iterations of the boundary search; ``steps * step_size`` should reach ``eps``.
-        step_size: L2 step of the search: the resolution of the distances.
-        clamp: keep the search's iterates in [0, 1].
-        loss: the objective the search ascends, "ce" or "margin".
-        batch_size: points measured at once.
-        seed: seeds the subset and the random control subspaces.
+        attack: the boundary search, early-stopped L2 PGD: ``eps`` the largest distance searched (farther
+            points count as ``inf``), ``step_size`` the resolution; ``steps * step_size`` should reach ``eps``.
+        batch_size: points measured at once (and the size of each recalibration batch).
+        seed: seeds the subset, the random control subspaces and the recalibration images.
+        recalibrate: before each measurement, re-estimate BatchNorm's running statistics on this many fixed
+            training batches (:func:`dmm.measures.geometry.recalibrated`; restored afterwards): early in
+            training the eval-mode statistics lag the weights by many updates, so without it the measured
+            network is not the trained one. 0 measures the network as its running statistics stand.
+        random_arm: also search the boundary along the random subspace.
     """
 
     def __init__(
@@ -61,34 +61,30 @@ class ManifoldDynamics(L.Callback):
         num_points: int = 256,
         every_n_steps: int = 50,
         doubling: bool = True,
-        eps: float = 4.0,
-        steps: int = 100,
-        step_size: float = 0.05,
-        clamp: bool = True,
-        loss: Literal["ce", "margin"] = "ce",
+        attack: PGD = PGD(eps=4.0, steps=100, step_size=0.05, early_stop=True),
         batch_size: int = 256,
         seed: int = 0,
+        recalibrate: int = 8,
+        random_arm: bool = True,
     ) -> None:
-        for name, value in (("num_points", num_points), ("every_n_steps", every_n_steps), ("steps", steps)):
+        if recalibrate < 0:
+            raise DmmError(f"ManifoldDynamics recalibrate must be >= 0, got {recalibrate}")
+        for name, value in (("num_points", num_points), ("every_n_steps", every_n_steps)):
             if value < 1:
                 raise DmmError(f"ManifoldDynamics {name} must be >= 1, got {value}")
         if batch_size < 1:
             raise DmmError(f"ManifoldDynamics batch_size must be >= 1, got {batch_size}")
-        for name, value in (("eps", eps), ("step_size", step_size)):
-            if not (math.isfinite(value) and value > 0):
-                raise DmmError(f"ManifoldDynamics {name} must be a finite number > 0, got {value}")
-        if loss not in ("ce", "margin"):
-            raise DmmError(f"ManifoldDynamics loss must be 'ce' or 'margin', got {loss!r}")
-        if steps * step_size < eps:
+        self.geometry = Geometry(attack, random_arm)
+        self.recalibrate = recalibrate
+        if attack.reach < attack.eps:
             rank_zero_warn(
-                f"ManifoldDynamics: steps * step_size = {steps * step_size:g} < eps = {eps:g}; "
+                f"ManifoldDynamics: steps * step_size = {attack.reach:g} < eps = {attack.eps:g}; "
                 "distances beyond it are never found"
             )
         self.autoencoder_path = autoencoder
-        self.search = BoundarySearch(eps, steps, step_size, clamp, loss)
         self.num_points, self.every_n_steps, self.batch_size, self.seed = num_points, every_n_steps, batch_size, seed
         self.doubling = doubling
-        self.autoencoder: Autoencoder | None = None
+        self.autoencoder = None
         self.points: dict[str, Tensor] = {}  # x, y, basis, random of the fixed subset
         self.history: list[dict[str, float]] = []
 
@@ -146,8 +142,8 @@ class ManifoldDynamics(L.Callback):
             raise DmmError("ManifoldDynamics needs a data module with a validation set (data.val_dataloader)")
         dataset = trainer.datamodule.val_dataloader().dataset
         generator = torch.Generator().manual_seed(self.seed)  # on the CPU: the same points on any device
-        order = torch.randperm(len(dataset), generator=generator)[: self.num_points]
-        x, y = default_collate([dataset[int(i)][:2] for i in order])
+        torch.randperm(len(dataset), generator=generator)  # the draw fixed_subset makes: the random bases follow it
+        x, y, _, _ = fixed_subset(dataset, self.num_points, self.seed)
         autoencoder = self.autoencoder.to(device)
         bases = []
         for start in range(0, len(x), self.batch_size):
@@ -156,13 +152,23 @@ class ManifoldDynamics(L.Callback):
             bases.append(tangent_basis(autoencoder.decoder, z))
         basis = torch.cat(bases)
         random = random_basis(*basis.shape, generator=generator).to(device)
-        return {"x": x.to(device), "y": y.to(device), "basis": basis, "random": random}
+        points = {"x": x.to(device), "y": y.to(device), "basis": basis, "random": random}
+        if self.recalibrate:
+            train = trainer.datamodule.train_dataloader().dataset
+            images, _, _, _ = fixed_subset(train, self.recalibrate * self.batch_size, self.seed + 1)
+            points["recalibration"] = images.to(device)
+        return points
 
     def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         p, b = self.points, self.batch_size
-        parts = (p["x"], p["y"], p["basis"], p["random"])
-        shards = [measure(pl_module, *(t[i : i + b] for t in parts), self.search) for i in range(0, len(p["x"]), b)]
-        summary = summarize({key: torch.cat([s[key] for s in shards]) for key in shards[0]})
+        batches = list(p["recalibration"].split(b)) if "recalibration" in p else []
+        with recalibrated(pl_module, batches) as model:
+            shards = [
+                self.geometry.measure_at(model, p["x"][i : i + b], p["y"][i : i + b], Subspace(p["basis"][i : i + b]),
+                                         Subspace(p["random"][i : i + b]))
+                for i in range(0, len(p["x"]), b)
+            ]  # fmt: skip
+        summary = self.geometry.summarize({key: torch.cat([s[key] for s in shards]) for key in shards[0]})
         # Straight to the loggers: self.log would drop every step that is not a multiple of log_every_n_steps.
         metrics = {f"dynamics/{key}": value for key, value in summary.items()}
         for logger in trainer.loggers:
@@ -182,55 +188,51 @@ class ManifoldDynamics(L.Callback):
             "sqrt_k_over_n": math.sqrt(k / n),
             "every_n_steps": self.every_n_steps,
             "doubling": self.doubling,
-            "search": self.search.as_dict(),
+            "search": self.geometry.attack.as_dict(),
             "null": "a distance quantile beyond the search (inf), or a figure with no points to average (NaN)",
-            "history": [{key: _finite_or_none(v) for key, v in h.items()} for h in self.history],
+            "history": [finite_or_none(h) for h in self.history],
         }
         text = json.dumps(payload, indent=2, allow_nan=False)
         atomic_write(folder / "dynamics.json", lambda path: path.write_text(text))
         if not final:
             return
-        figure = plot_history(self.history, self.search.eps, math.sqrt(k / n))
+        figure = plot_history(self.history, self.geometry.attack.eps, math.sqrt(k / n))
         atomic_write(folder / "dynamics.png", lambda path: figure.savefig(path, format="png", dpi=120))
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                self._log_wandb(logger, folder / "dynamics.png")
+            if hasattr(logger, "log_to_experiment"):  # dmm's ResilientWandbLogger: guarded rich media
+                try:
+                    media = self._media(folder / "dynamics.png")
+                except Exception as error:  # W&B media must never cost a run whose results are on disk
+                    log.warning("W&B plots of the dynamics not logged (%s: %s)", type(error).__name__, error)
+                else:
+                    logger.log_to_experiment(media)
 
-    def _log_wandb(self, logger: WandbLogger, png: Path) -> None:
+    def _media(self, png: Path) -> dict:
         import wandb
 
         steps = [h["step"] for h in self.history]
-        eps = self.search.eps
+        eps = self.geometry.attack.eps
 
         def series(key: str) -> list[float]:
             return [min(h[key], eps) if key.startswith("distance") else h[key] for h in self.history]
 
-        try:
-            logger.experiment.log(
-                {
-                    "dynamics/distance_plot": wandb.plot.line_series(
-                        xs=steps,
-                        ys=[series(f"distance/{a}/median") for a in ATTACKS],
-                        keys=list(ATTACKS),
-                        title=f"median L2 distance to the boundary (capped at eps = {eps:g})",
-                        xname="global step",
-                    ),
-                    "dynamics/gradient_plot": wandb.plot.line_series(
-                        xs=steps,
-                        ys=[series(f"grad_{kind}/{g}") for g in GRADIENTS for kind in ("on", "random")],
-                        keys=[f"{g} {kind}" for g in GRADIENTS for kind in ("on", "random")],
-                        title="on-manifold fraction of the input gradient",
-                        xname="global step",
-                    ),
-                    "dynamics/plot": wandb.Image(str(png)),
-                }
-            )
-        except Exception as error:  # a W&B failure must not end a run whose results are already on disk
-            log.warning("W&B logging of the dynamics failed (%s); they are in the run folder", error)
-
-
-def _finite_or_none(value):
-    return value if not isinstance(value, float) or math.isfinite(value) else None
+        return {
+            "dynamics/distance_plot": wandb.plot.line_series(
+                xs=steps,
+                ys=[series(f"distance/{a}/all_median") for a in ARMS if f"distance/{a}/median" in self.history[0]],
+                keys=[a for a in ARMS if f"distance/{a}/median" in self.history[0]],
+                title=f"median L2 distance to the boundary (capped at eps = {eps:g})",
+                xname="global step",
+            ),
+            "dynamics/gradient_plot": wandb.plot.line_series(
+                xs=steps,
+                ys=[series(f"grad_{kind}/{g}") for g in GRADIENTS for kind in ("on", "random")],
+                keys=[f"{g} {kind}" for g in GRADIENTS for kind in ("on", "random")],
+                title="on-manifold fraction of the input gradient",
+                xname="global step",
+            ),
+            "dynamics/plot": wandb.Image(str(png)),
+        }
 
 
 def plot_history(history: list[dict[str, float]], eps: float, baseline: float) -> Figure:
@@ -238,9 +240,12 @@ def plot_history(history: list[dict[str, float]], eps: float, baseline: float) -
     figure = Figure(figsize=(11, 4), layout="constrained")
     distances, gradients = figure.subplots(1, 2)
     steps = [h["step"] for h in history]
-    for attack, colour, style in zip(ATTACKS, ("black", "tab:blue", "tab:red"), ("--", "-", "-"), strict=True):
+    arms = [a for a in ARMS if history and f"distance/{a}/median" in history[0]]
+    colours, styles = ("black", "tab:blue", "tab:red", "tab:grey"), ("--", "-", "-", ":")
+    for attack, colour, style in zip(arms, colours, styles, strict=False):
         # Distances beyond the search are inf: drawn at eps, the dashed line.
-        q = {key: [min(h[f"distance/{attack}/{key}"], eps) for h in history] for key in ("q25", "median", "q75")}
+        # Over the whole fixed population (see Geometry.summarize), not the points correct at each step.
+        q = {key: [min(h[f"distance/{attack}/all_{key}"], eps) for h in history] for key in ("q25", "median", "q75")}
         distances.plot(
             steps,
             q["median"],
@@ -252,7 +257,7 @@ def plot_history(history: list[dict[str, float]], eps: float, baseline: float) -
         )
         distances.fill_between(steps, q["q25"], q["q75"], color=colour, alpha=0.15, linewidth=0)
     distances.axhline(eps, color="grey", linestyle="--", linewidth=1, label="search limit")
-    distances.set(xlabel="global step", ylabel="L2 distance to the boundary", title="distance: median, quartiles")
+    distances.set(xlabel="global step", ylabel="L2 distance to the boundary", title="distance (all points): median, quartiles")
     for name, colour in zip(GRADIENTS, ("tab:green", "tab:purple"), strict=True):
         gradients.plot(steps, [h[f"grad_on/{name}"] for h in history], color=colour, marker=".", label=name)
         gradients.plot(steps, [h[f"grad_random/{name}"] for h in history], color=colour, linestyle=":")

@@ -1,9 +1,11 @@
-"""Lightning data modules: MNIST-style, CIFAR-10 and ImageNet images, and a synthetic manifold with known tangents."""
+"""Lightning data modules: MNIST-style, CIFAR-10 and ImageNet images, a synthetic manifold with known tangents,
+relabelled adversarial examples, and train/val splits for ``dmm predict``."""
 
 from dmm.data.cifar10 import CIFAR10DataModule
 from dmm.data.imagenet import ImageNetDataModule
 from dmm.data.mnist import FashionMNISTDataModule, MNISTDataModule
-from dmm.data.relabelled import RelabelledAdversarialDataModule
+from dmm.data.relabelled import RelabelledDataModule
+from dmm.data.splits import PredictSplits
 from dmm.data.synthetic import ManifoldGenerator, SyntheticManifoldDataModule
 
 __all__ = [
@@ -12,6 +14,7 @@ __all__ = [
     "ImageNetDataModule",
     "MNISTDataModule",
     "ManifoldGenerator",
-    "RelabelledAdversarialDataModule",
+    "PredictSplits",
+    "RelabelledDataModule",
     "SyntheticManifoldDataModule",
 ]

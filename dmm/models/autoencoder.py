@@ -11,6 +11,7 @@ from torch import Tensor
 from dmm.errors import DmmError
 from dmm.manifold import tangent_space
 from dmm.models.optim import configure_optimizers
+from dmm.models.regularizers import Regularizer, build_regularizer, frozen_running_stats
 from dmm.nets import ConvDecoder, ConvEncoder, DecoderFactory, EncoderFactory, Shape
 
 
@@ -20,14 +21,23 @@ class Autoencoder(L.LightningModule):
     Images are in [0, 1], (B, C, H, W); latents are (B, latent_dim); the decoder's output is in [0, 1].
     On the first validation batch it also logs the decoder's geometry at the encoded latents: the mean
     condition number of the metric G = J^T J and the isometry error mean_i (s_i - 1)^2 over the
-    singular values s of J (0 for an isometric decoder). Subclasses add regularisers in
-    :meth:`regularizer`.
+    singular values s of J (0 for an isometric decoder).
+
+    An optional ``regularizer`` (:mod:`dmm.models.regularizers`: :class:`~dmm.models.Isometry` for I-AE,
+    :class:`~dmm.models.RelaxedDistortion` for IRVAE-style training) adds loss terms to each training step,
+    logged as ``train/<name>`` next to ``train/loss``. Its extra passes through the networks run in the same
+    (training) mode as the reconstruction, so BatchNorm normalises them by their own batch statistics as
+    before, but they update no running statistics (:func:`~dmm.models.regularizers.frozen_running_stats`):
+    the eval-mode networks that validation, cond(G) and the tangent spaces use keep the statistics of the
+    data the reconstruction sees, not of mixup latents (whose variance differs).
 
     Args:
         encoder: builds the encoder from ``(input_shape, latent_dim)``.
         decoder: builds the decoder from ``(latent_dim, input_shape)``.
         input_shape: (C, H, W) of the images (linked from the data module by the CLI).
         latent_dim: k, the dimension of the learned manifold.
+        regularizer: extra training loss terms, e.g. ``Isometry(iso_weight=0.1, piso_weight=0.1)`` (YAML:
+            ``regularizer: {class_path: Isometry, init_args: {iso_weight: 0.1}}``); ``None``: plain autoencoder.
         geometry_samples: validation latents used for the geometry metrics (0 turns them off).
         num_classes: classes of the data it was trained on (linked by the CLI); provenance only, unused.
         optimizer: optimiser factory, called with the parameters.
@@ -40,16 +50,22 @@ class Autoencoder(L.LightningModule):
         decoder: DecoderFactory = ConvDecoder,
         input_shape: Shape = (1, 28, 28),
         latent_dim: int = 16,
+        regularizer: Regularizer | None = None,
         geometry_samples: int = 64,
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
         num_classes: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["regularizer"])  # a module: saved below as plain data instead
+        if isinstance(regularizer, dict):  # a checkpoint's hyperparameters, or a plain dict
+            regularizer = build_regularizer(regularizer)
+        # {class_path, init_args} as LightningCLI writes it: the checkpoint loads with weights_only=True.
+        self.hparams["regularizer"] = regularizer.as_config() if regularizer is not None else None
         self.input_shape, self.latent_dim = tuple(input_shape), latent_dim
         self.encoder = encoder(self.input_shape, latent_dim)
         self.decoder = decoder(latent_dim, self.input_shape)
+        self.regularizer = regularizer
         self.optimizer, self.scheduler = optimizer, scheduler
         self.example_input_array = torch.zeros(2, *self.input_shape)
         self._check_shapes()
@@ -80,15 +96,19 @@ class Autoencoder(L.LightningModule):
         """Reconstructions D(E(x)) of images x in [0, 1], same shape."""
         return self.decode(self.encode(x))
 
-    def regularizer(self, x: Tensor, z: Tensor) -> dict[str, Tensor]:
-        """Extra loss terms (already weighted) for a batch x with latents z; none for a plain autoencoder."""
-        return {}
+    def regularize(self, x: Tensor, z: Tensor) -> dict[str, Tensor]:
+        """The regulariser's weighted loss terms for a batch x with latents z ({} without one); its passes
+        through the networks update no BatchNorm running statistics."""
+        if self.regularizer is None:
+            return {}
+        with frozen_running_stats(self.encoder, self.decoder):
+            return self.regularizer(self, x, z)
 
     def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         x = batch[0]
         z = self.encode(x)
         mse = F.mse_loss(self.decode(z), x)
-        terms = self.regularizer(x, z) if stage == "train" else {}
+        terms = self.regularize(x, z) if stage == "train" else {}
         loss = mse + sum(terms.values())
         if not torch.isfinite(loss):
             raise DmmError(

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import torch
@@ -14,16 +11,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 
-from dmm.attacks import pgd
+from dmm.attacks import PGD
 from dmm.errors import DmmError
 from dmm.models.optim import configure_optimizers
 from dmm.nets import MLP, ClassifierFactory, Shape
-
-TRAIN_HINT = (
-    "train one with `dmm fit --config configs/mnist/classifier.yaml` (configs/<dataset>/classifier.yaml for other "
-    "data) and pass its runs/<run>/checkpoints/<best>.ckpt"
-)
-
 
 class Classifier(L.LightningModule):
     """Image classifier. Takes images in [0, 1], (B, C, H, W); returns logits (B, num_classes).
@@ -31,7 +22,7 @@ class Classifier(L.LightningModule):
     The system owns the input normalisation, so attacks and decompositions work in [0, 1] pixel space.
 
     Adversarial training (Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks",
-    2018) is on when ``adv_eps > 0``: the first ``round(adv_fraction * B)`` images of each (shuffled)
+    2018) is on when an ``adversary`` is given: the first ``round(adv_fraction * B)`` images of each (shuffled)
     training batch, at least one, are replaced by PGD examples of the current network, and the
     cross-entropy is taken on the mixed batch, so ``train/loss`` and ``train/acc`` are those of the
     mixed batch and ``train/adv_acc`` is the accuracy on its adversarial part. The attack runs the
@@ -47,12 +38,9 @@ class Classifier(L.LightningModule):
         std: per-channel standard deviation divided out before the network.
         optimizer: optimiser factory, called with the parameters.
         scheduler: optional learning-rate scheduler factory, called with the optimiser; stepped per epoch.
-        adv_eps: PGD radius in [0, 1] pixel space for adversarial training; 0 turns it off.
-        adv_norm: PGD threat model, "l2" or "linf".
-        adv_steps: PGD steps per training batch (each one forward and backward).
-        adv_step_size: PGD step length; ``None`` means 2.5 * adv_eps / adv_steps.
+        adversary: the attack of adversarial training, e.g. ``PGD(eps=2.0, steps=7, random_start=True)``
+            (YAML: ``adversary: {eps: 2.0, steps: 7, random_start: true}``); ``None`` trains on clean images.
         adv_fraction: share of each training batch replaced by adversarial examples, in (0, 1].
-        adv_random_start: start PGD uniformly inside the ball rather than at the clean image.
     """
 
     def __init__(
@@ -64,18 +52,27 @@ class Classifier(L.LightningModule):
         std: Sequence[float] = (1.0,),
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
-        adv_eps: float = 0.0,
-        adv_norm: Literal["l2", "linf"] = "l2",
-        adv_steps: int = 7,
-        adv_step_size: float | None = None,
+        adversary: PGD | None = None,
         adv_fraction: float = 1.0,
-        adv_random_start: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if isinstance(adversary, dict):  # a checkpoint's hyperparameters, or a plain dict
+            adversary = PGD(**adversary)
+        if isinstance(adversary, PGD):  # plain data in the checkpoint: it loads with weights_only=True
+            self.hparams["adversary"] = adversary.as_dict()
+        self.adversary = adversary
         if min(std) <= 0:
             raise DmmError(f"model.std must be positive, got {list(std)}")
-        _check_adversarial(adv_eps, adv_norm, adv_steps, adv_step_size, adv_fraction)
+        channels = input_shape[0]
+        for name, values in (("mean", mean), ("std", std)):
+            if len(values) not in (1, channels):
+                raise DmmError(
+                    f"model.{name} has {len(values)} values but the images have {channels} channels: "
+                    f"give 1 value or {channels}"
+                )
+        if not 0 < adv_fraction <= 1:
+            raise DmmError(f"model.adv_fraction must be in (0, 1], got {adv_fraction}")
         self.network = network(tuple(input_shape), num_classes)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
@@ -112,20 +109,9 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        hp = self.hparams
-        num_adv = max(1, round(hp.adv_fraction * len(y))) if hp.adv_eps > 0 else 0
+        num_adv = max(1, round(self.hparams.adv_fraction * len(y))) if self.adversary else 0
         if num_adv:  # rows [0, num_adv) become adversarial; the batch is shuffled, so they are a random share
-            x_adv = pgd(
-                self,
-                x[:num_adv],
-                y[:num_adv],
-                eps=hp.adv_eps,
-                norm=hp.adv_norm,
-                steps=hp.adv_steps,
-                step_size=hp.adv_step_size,
-                random_start=hp.adv_random_start,
-            )
-            x = torch.cat([x_adv, x[num_adv:]])
+            x = torch.cat([self.adversary(self, x[:num_adv], y[:num_adv]), x[num_adv:]])
         loss, logits = self._step((x, y), "train")
         if num_adv:
             adv_accuracy = self.accuracy["train_adv_acc"]
@@ -144,44 +130,3 @@ class Classifier(L.LightningModule):
 
     def configure_optimizers(self):
         return configure_optimizers(self, self.optimizer, self.scheduler)
-
-
-def _check_adversarial(eps: float, norm: str, steps: int, step_size: float | None, fraction: float) -> None:
-    """Refuse adversarial-training settings that PGD would reject mid-training, naming the CLI key."""
-    key = "--model.init_args.adv_"
-    if not (math.isfinite(eps) and eps >= 0):
-        raise DmmError(f"{key}eps must be a finite number >= 0 (0 turns adversarial training off), got {eps}")
-    if norm not in ("l2", "linf"):
-        raise DmmError(f"{key}norm must be 'l2' or 'linf', got {norm!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise DmmError(f"{key}steps must be an integer >= 1, got {steps!r}")
-    if step_size is not None and not (math.isfinite(step_size) and step_size > 0):
-        raise DmmError(f"{key}step_size must be a finite number > 0 or null, got {step_size}")
-    if not 0 < fraction <= 1:
-        raise DmmError(f"{key}fraction must be in (0, 1], got {fraction}")
-
-
-def load_classifier(path: str | Path, input_shape: Shape | None = None, num_classes: int | None = None) -> Classifier:
-    """A :class:`Classifier` from a ``dmm fit`` checkpoint (weights only), in eval mode and frozen.
-
-    Raises:
-        DmmError: the file is missing, unreadable, not a classifier, or made for other images or classes.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DmmError(f"classifier checkpoint {path} not found: {TRAIN_HINT}")
-    try:
-        model = Classifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch/pickle raise many types; their first line says what went wrong
-        reason = (str(error).strip().splitlines() or [""])[0]
-        raise DmmError(
-            f"cannot load classifier checkpoint {path} ({type(error).__name__}: {reason}); {TRAIN_HINT}"
-        ) from None
-    shape, classes = tuple(model.hparams.input_shape), model.hparams.num_classes
-    wanted = (tuple(input_shape or shape), num_classes or classes)
-    if (shape, classes) != wanted:
-        raise DmmError(
-            f"classifier checkpoint {path} takes {shape} images and {classes} classes, not {wanted[0]} and "
-            f"{wanted[1]}: {TRAIN_HINT} on this dataset"
-        )
-    return model.eval().requires_grad_(False)

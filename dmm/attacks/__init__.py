@@ -1,0 +1,9 @@
+"""Attacks on the input (pure torch): the :class:`PGD` configuration-and-attack object, the norm balls it
+steps in, and the :class:`Projector` protocol through which it is restricted to a subspace."""
+
+from dmm.attacks.balls import BALLS, Ball, L2Ball, LinfBall
+from dmm.attacks.pgd import LOSSES, PGD, Projector, box_exact
+
+__all__ = ["BALLS", "LOSSES", "PGD", "Ball", "L2Ball", "LinfBall", "Projector", "box_exact"]
+
+from dmm.attacks._legacy import _eval_mode, fgsm, pgd  # noqa: E402, F401  TEMPORARY, see _legacy.py

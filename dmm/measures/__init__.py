@@ -1,0 +1,31 @@
+"""Measurements as small pure modules (no Lightning): settings in ``__init__``, ``measure(models, batch)`` ->
+per-image records, ``summarize(records)`` -> figures. :class:`dmm.callbacks.Evaluation` runs any of them.
+
+=============  ===========================================================================================
+base           :class:`Measure`, the :class:`Models` and :class:`Batch` it is given, per-image seeds
+decomposition  the DMM decomposition: attacks per arm (tangent, complement, random and support nulls)
+detection      off-manifold detection with its equal-norm noise control, and project-then-classify
+geometry       input-gradient alignment and boundary distances along and across the tangent space
+checks         model checks before any attack (logits, determinism, vanishing gradients, FGM vs PGD)
+statistics     censored medians, survival curves, paired ratios, Wilson intervals, rank AUROC
+=============  ===========================================================================================
+"""
+
+from dmm.measures.base import Batch, Measure, Models, image_seed, make_batch
+from dmm.measures.checks import model_checks
+from dmm.measures.decomposition import Decomposition
+from dmm.measures.detection import Detection, ProjectThenClassify
+from dmm.measures.geometry import Geometry
+
+__all__ = [
+    "Batch",
+    "Decomposition",
+    "Detection",
+    "Geometry",
+    "Measure",
+    "Models",
+    "ProjectThenClassify",
+    "image_seed",
+    "make_batch",
+    "model_checks",
+]
