@@ -32,6 +32,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 import dmm.data  # noqa: F401  (registers the classes so configs can name them briefly)
 import dmm.models  # noqa: F401
 from dmm.callbacks import Checkpoint, Evaluation, RNGState
+from dmm.models.loading import migrate_hyperparameters
 from dmm.errors import TRACEBACK_ENV, ConfigError, DmmError, Owner, blame, config_owners, is_bug, user_error
 from dmm.loggers import configure_wandb, finish_wandb, log_config
 
@@ -108,6 +109,13 @@ class DmmArgumentParser(LightningArgumentParser):
         sys.stderr.write(f"dmm: error: {message.strip()}\nSee `{command} --help` for the options.\n")
         sys.exit(2)
 
+    @classmethod
+    def adopt(cls, parser: LightningArgumentParser) -> LightningArgumentParser:
+        """The parser, now of this class (Lightning < 2.5 builds its parsers without a ``parser_class``)."""
+        if type(parser) is LightningArgumentParser:
+            parser.__class__ = cls
+        return parser
+
 
 class SaveConfig(SaveConfigCallback):
     """``config.yaml`` in the run folder, and the same resolved config on the W&B run.
@@ -139,7 +147,6 @@ class DmmCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)  # systems own their optimiser arguments
         kwargs.setdefault("parser_kwargs", {"exit_on_error": True, "prog": "dmm"})
-        kwargs.setdefault("parser_class", DmmArgumentParser)
         kwargs.setdefault("save_config_callback", SaveConfig)
         kwargs.setdefault("trainer_defaults", {"callbacks": [RNGState()]})
         self.first_batch, self.run_dir, self.stage = FirstBatch(), None, "parse"
@@ -178,10 +185,31 @@ class DmmCLI(LightningCLI):
             }
         )
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        return DmmArgumentParser.adopt(super().init_parser(**kwargs))
+
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
         if self.config.get("subcommand"):  # before the run folder exists, and before Lightning reads the file
             check_ckpt_path(self.config.subcommand, self.config[self.config.subcommand])
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI's own (it merges a ``--ckpt_path`` checkpoint's hyperparameters into the model's config),
+        with the checkpoint's hyperparameters migrated first, so old checkpoints (isometric autoencoder
+        subclasses, the classifier's ``adv_*`` arguments) load: see :mod:`dmm.models.loading`."""
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            return
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        hparams = migrate_hyperparameters(hparams)
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

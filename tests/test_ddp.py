@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from dmm.cli import main
+from dmm.data import SyntheticManifoldDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -53,9 +54,9 @@ def validations(tmp_path_factory: pytest.TempPathFactory) -> dict:
         patch.chdir(tmp)
         autoencoder, classifier = _fit(tmp / "ae", "autoencoder.yaml"), _fit(tmp / "clf", "classifier.yaml")
         validate = ["validate", "--config", str(CONFIGS / "synthetic" / "classifier.yaml"), *QUIET]
-        validate += ["--ckpt_path", str(classifier), "--decomposition.autoencoder", str(autoencoder)]
-        validate += ["--decomposition.num_images", str(NUM_IMAGES), "--decomposition.steps", "5"]
-        validate += ["--decomposition.batch_size", "16"]  # two batches on one process, one on each of two
+        validate += ["--ckpt_path", str(classifier), "--evaluation.autoencoder", str(autoencoder)]
+        validate += ["--evaluation.num_images", str(NUM_IMAGES), "--evaluation.measure.attack.steps", "5"]
+        validate += ["--evaluation.batch_size", "16"]  # two batches on one process, one on each of two
         _run(*validate, "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.default_root_dir", "one")
         # The preset as a cluster user stacks it, moved to CPU: gloo, and no SyncBatchNorm (GPU only).
         ddp = ["--config", str(CONFIGS / "trainer" / "ddp.yaml"), "--trainer.accelerator", "cpu"]
@@ -89,7 +90,9 @@ def test_ddp_workers_write_into_one_run_folder(validations: dict) -> None:
 def test_decomposition_is_the_same_on_one_and_two_processes(validations: dict) -> None:
     (one, one_samples), (two, two_samples) = _results(validations["one"]), _results(validations["two"])
     summary_one, summary_two = one.pop("summary"), two.pop("summary")
-    assert two == one  # stage, epoch, settings, autoencoder, shapes
+    checks_one, checks_two = one.pop("model_checks"), two.pop("model_checks")
+    assert two == one  # stage, epoch, settings, autoencoder, shapes, seed
+    assert [c["name"] for c in checks_two] == [c["name"] for c in checks_one]
     kept = [key for key in summary_one if not key.startswith(RANDOM_BASELINE)]
     assert summary_one["num_images"] == NUM_IMAGES and set(summary_two) == set(summary_one)
     # Strict JSON writes NaN (e.g. the median of an attack that fooled no image) as null.
@@ -99,10 +102,19 @@ def test_decomposition_is_the_same_on_one_and_two_processes(validations: dict) -
     assert {k: summary_two[k] for k in finite} == pytest.approx({k: summary_one[k] for k in finite}, rel=1e-5, abs=1e-6)
     # Per sample and in subset order: the gather's padding and reordering put every image back in place.
     assert set(two_samples) == set(one_samples)
+    num_val = SyntheticManifoldDataModule().hparams.num_val  # the seeded subset: randperm(len(dataset), seed)
+    subset = torch.randperm(num_val, generator=torch.Generator().manual_seed(0))[:NUM_IMAGES]
+    assert torch.equal(one_samples["index"], subset) and torch.equal(two_samples["index"], subset)
     for key in sorted(set(one_samples) - {RANDOM_BASELINE}):
         assert torch.allclose(
             two_samples[key].double(), one_samples[key].double(), rtol=1e-5, atol=1e-6, equal_nan=True
         ), key
+
+
+@pytest.mark.slow
+def test_model_checks_are_the_same_on_one_and_two_processes(validations: dict) -> None:
+    (one, _), (two, _) = _results(validations["one"]), _results(validations["two"])
+    assert two["model_checks"] == one["model_checks"]
 
 
 @pytest.mark.slow

@@ -76,33 +76,44 @@ def test_random_baseline_has_the_expected_mean_and_is_the_random_arms_subspace(m
     assert torch.allclose(out["random_fraction"], random.fraction(out["_images"][:, 2]), atol=1e-6)
 
 
-class BoxSpy(nn.Module):
-    """A classifier that remembers the smallest and largest pixel of every input it was shown."""
+class Recorded:
+    """The measure's attack, keeping every (subspace, x_adv) it returns."""
 
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net, self.low, self.high = net, math.inf, -math.inf
+    def __init__(self, attack: PGD) -> None:
+        self.attack, self.returned = attack, []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.low, self.high = min(self.low, x.min().item()), max(self.high, x.max().item())
-        return self.net(x)
+    def __call__(self, model, x, y, project=None, **kwargs):
+        x_adv = self.attack(model, x, y, project=project, **kwargs)
+        self.returned.append((project, x_adv))
+        return x_adv
+
+    def __getattr__(self, name: str):
+        return getattr(self.attack, name)
 
 
 @pytest.mark.parametrize("clamp", [True, False, "exact"])
 def test_exact_clamp_keeps_every_arm_in_its_subspace_and_in_the_box(models: Models, clamp) -> None:
-    """The classifier sees every iterate and every final x + d of every arm: with ``clamp="exact"`` all of them
-    are images in [0, 1] while each restricted arm's leak stays at rounding; clamp=True leaks, clamp=False does not."""
-    spy = BoxSpy(models.classifier)
+    """With ``clamp="exact"`` every arm's x + d is an image in [0, 1] while each restricted arm's leak stays at
+    rounding; clamp=True leaks out of the subspaces, clamp=False leaves the box."""
     measure = Decomposition(PGD(eps=2.0, steps=30, step_size=0.1, clamp=clamp, early_stop=True))
-    out = measure.measure(Models(spy, models.encoder, models.decoder), images())
+    measure.attack = recorded = Recorded(measure.attack)
+    batch = images()
+    out = measure.measure(models, batch)
+    restricted = [x_adv for project, x_adv in recorded.returned if project is not None]
+    assert [project is None for project, _ in recorded.returned[:5]] == [True, False, False, False, False]
+    assert len(restricted) == len(RESTRICTED)
     assert out["full_success"].any() and all((out[f"{a}_l2"] >= 0.1).any() for a in RESTRICTED)
     # The leak is a fraction of ||d||, and d = x_adv - x carries float32 rounding of the pixels (~1e-7): so the
     # part outside the subspace is compared absolutely, and as a fraction where ||d|| is not itself tiny.
     outside = max((out[f"leak_{a}"] * out[f"{a}_l2"]).max().item() for a in RESTRICTED)
     leak = max(out[f"leak_{a}"][out[f"{a}_l2"] >= 0.1].max().item() for a in RESTRICTED)
     in_subspace = outside < 1e-5 and leak < 1e-5
-    in_box = spy.low >= -1e-6 and spy.high <= 1 + 1e-6
+    in_box = all(x_adv.min() >= 0 and x_adv.max() <= 1 for x_adv in restricted)
     assert (in_subspace, in_box) == {True: (False, True), False: (True, False), "exact": (True, True)}[clamp]
+    for arm, (project, x_adv) in zip(RESTRICTED, recorded.returned[1:], strict=False):  # arms in canonical order
+        d = x_adv - batch.x
+        outside_norm = project.split(d)[1].flatten(1).norm(dim=1)
+        torch.testing.assert_close(out[f"leak_{arm}"] * out[f"{arm}_l2"], outside_norm, rtol=1e-4, atol=1e-6)
 
 
 def test_summary_curve_starts_at_clean_accuracy_and_falls(models: Models) -> None:
@@ -209,7 +220,8 @@ def test_an_images_records_do_not_depend_on_its_batch(models: Models) -> None:
     parts = [measure.measure(models, make_batch(batch.x[s], batch.y[s], batch.index[s], seed=0))
              for s in (slice(0, 10), slice(10, 24))]  # fmt: skip
     for key, value in whole.items():
-        assert torch.allclose(torch.cat([p[key] for p in parts]).double(), value.double(), atol=1e-5), key
+        joined = torch.cat([p[key] for p in parts]).double()
+        assert torch.allclose(joined, value.double(), atol=1e-5, equal_nan=True), key
     other_seed = measure.measure(models, make_batch(batch.x, batch.y, batch.index, seed=1))
     assert not torch.allclose(other_seed["random_fraction"], whole["random_fraction"])
 

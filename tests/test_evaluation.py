@@ -16,6 +16,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import torch
+import yaml
 
 from dmm.attacks import PGD
 from dmm.callbacks import Evaluation
@@ -24,6 +25,7 @@ from dmm.data import SyntheticManifoldDataModule
 from dmm.errors import DmmError
 from dmm.loggers import ResilientWandbLogger
 from dmm.measures import Decomposition
+from dmm.media import titled_grid
 from dmm.models.loading import load_autoencoder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -84,7 +86,7 @@ def test_decomposition_through_fit_validate_and_test(tmp_path: Path, train_synth
     cache = tmp_path / "fit-cache"
     root = ["--trainer.default_root_dir", str(tmp_path / "clf")]
     settings = evaluation(autoencoder, *DECOMPOSITION_SETTINGS)
-    # Two epochs, measured every second one: only epoch 1 (and never the sanity check, nor with a cache).
+    # Two epochs, measured every second one: only after epoch 1, and without a cache.
     fit = run("fit", *CLASSIFIER, *settings, *CSV, *ONE_BATCH, "--trainer.max_epochs=2",
               "--evaluation.every_n_epochs=2", f"--evaluation.cache_dir={cache}", *root)  # fmt: skip
     assert sorted(p.name for p in (fit / "decomposition").iterdir()) == [
@@ -154,27 +156,15 @@ def test_detection_measure_through_its_config(tmp_path: Path, train_synthetic_au
     assert len(result["model_checks"]) == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: switching evaluation.measure's class_path keeps Decomposition's default attack "
-    "(step_size 0.05, early_stop true) in Detection, whose attack is fixed-budget",
-)
 def test_detection_config_attack_is_the_one_it_names(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         run("test", *DETECTION, "--print_config", "--trainer.default_root_dir", "runs")
     assert exit_info.value.code == 0
-    import yaml
-
     measure = yaml.safe_load(capsys.readouterr().out)["evaluation"]["measure"]["init_args"]
     assert measure["attack"] == PGD(eps=1.0, steps=40).as_dict()  # the YAML's fields over PGD's defaults
 
 
-@pytest.mark.xfail(
-    strict=True, reason="library bug: Evaluation.run keeps num_grid grid images per batch, not num_grid in all"
-)
 def test_grid_shows_num_grid_images(tmp_path: Path, train_synthetic_autoencoder) -> None:
-    from dmm.media import titled_grid
-
     autoencoder = train_synthetic_autoencoder()
     settings = evaluation(autoencoder, *DECOMPOSITION_SETTINGS, "--evaluation.num_grid=2", "--evaluation.batch_size=2",
                           "--evaluation.checks=false", num_images=6)  # fmt: skip
@@ -247,5 +237,6 @@ def test_wandb_media_go_through_the_guarded_logger(
     assert isinstance(payload["val/decomposition/records"], wandb.Table)
     assert isinstance(payload["val/decomposition/grid"], wandb.Image)
     assert isinstance(payload["val/decomposition/hist/full_l2"], wandb.Histogram)
-    assert payload["val/decomposition/records"].columns[-1] == "index"
-    assert len(payload["val/decomposition/records"].data) == NUM_IMAGES
+    table = payload["val/decomposition/records"]
+    index = [int(row[table.columns.index("index")]) for row in table.data]
+    assert index == seeded_subset("val", NUM_IMAGES)[0].tolist()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import pytest
 import torch
 
-from dmm.measures.statistics import Z95, auroc, censored, censored_median, paired_ratio_median, wilson
+from dmm.measures.statistics import auroc, censored, censored_median, paired_ratio_median, wilson
 
 # --- Wilson intervals --------------------------------------------------------------------------------------
 
@@ -20,25 +21,27 @@ def _score_interval(successes: int, trials: int, z: float) -> tuple[float, float
 
 
 @pytest.mark.parametrize(("successes", "trials"), [(0, 10), (10, 10), (5, 10), (1, 7), (37, 50), (0, 1), (999, 1000)])
-@pytest.mark.parametrize("z", [Z95, 1.0])
-def test_wilson_is_the_score_test_inversion(successes: int, trials: int, z: float) -> None:
-    low, high = wilson(successes, trials, z)
+@pytest.mark.parametrize("level", [0.95, 0.6827])
+def test_wilson_is_the_score_test_inversion(successes: int, trials: int, level: float) -> None:
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    low, high = wilson(successes, trials, level)
     reference = _score_interval(successes, trials, z)
     assert low == pytest.approx(reference[0], abs=2e-5) and high == pytest.approx(reference[1], abs=2e-5)
     assert 0 <= low <= successes / trials <= high + 1e-12 and high <= 1  # 10/10 gives 1 - 1e-16
-    mirror = wilson(trials - successes, trials, z)  # failures' interval is the mirror image
+    mirror = wilson(trials - successes, trials, level)  # failures' interval is the mirror image
     assert mirror == (pytest.approx(1 - high, abs=1e-12), pytest.approx(1 - low, abs=1e-12))
 
 
 def test_wilson_known_values_and_edges() -> None:
+    z95 = NormalDist().inv_cdf(0.975)
     low, high = wilson(5, 10)
     assert (low, high) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
     # 0/n and n/n: not collapsed to a point; the far end is z²/(n + z²) from the edge (closed form).
     low, high = wilson(0, 10)
-    assert low == 0 and high == pytest.approx(Z95**2 / (10 + Z95**2))
+    assert low == 0 and high == pytest.approx(z95**2 / (10 + z95**2))
     low, high = wilson(10, 10)
-    assert high == pytest.approx(1.0) and high <= 1 and low == pytest.approx(10 / (10 + Z95**2))
-    assert wilson(5, 10, z=1.0)[1] - wilson(5, 10, z=1.0)[0] < 0.7634 - 0.2366  # a lower z is narrower
+    assert high == pytest.approx(1.0) and high <= 1 and low == pytest.approx(10 / (10 + z95**2))
+    assert wilson(5, 10, 0.6827)[1] - wilson(5, 10, 0.6827)[0] < 0.7634 - 0.2366  # a lower level is narrower
     assert all(math.isnan(v) for v in wilson(0, 0))
 
 

@@ -1,6 +1,6 @@
 """Evaluations that attack many images batch by batch: a progress bar, and finished batches cached on disk.
 
-A ``dmm validate`` or ``dmm test`` of the decomposition or detection callbacks attacks hundreds of images;
+A ``dmm validate`` or ``dmm test`` of the evaluation callback attacks hundreds of images;
 killed half-way, or rerun to regenerate a report, it should not start again. :class:`BatchCache` keeps each
 finished batch's per-image records in ``<cache_dir>/<name>-<digest>/``, where the digest covers what the
 records depend on besides the images: the classifier's weights and buffers, the autoencoder's, the attack

@@ -24,7 +24,7 @@ from dmm.callbacks.batches import cached_batches, evaluation_cache
 from dmm.errors import DmmError
 from dmm.io import atomic_write
 from dmm.measures import Decomposition, Measure, Models, make_batch, model_checks
-from dmm.media import titled_grid
+from dmm.media import titled_grid, to_rgb
 from dmm.models.loading import load_autoencoder
 
 log = logging.getLogger(__name__)
@@ -140,13 +140,14 @@ class Evaluation(L.Callback):
         device = pl_module.device
         autoencoder = self.autoencoder.to(device) if self.autoencoder is not None else None
         models = Models(pl_module, *((autoencoder.encoder, autoencoder.decoder) if autoencoder else ()))
-        checks = self._checks(pl_module, x, y, device)
+        # On the first images of the whole subset, the same on every process.
+        checks = self._checks(pl_module, *fixed_subset(dataset, min(self.num_images, CHECK_IMAGES), self.seed)[:2])
 
         def compute(rows: slice) -> dict[str, Tensor]:
             batch = make_batch(x[rows].to(device), y[rows].to(device), index[rows], self.seed)
             records = self.measure.measure(models, batch)
             if "_images" in records:
-                records["_images"] = records["_images"][: self.num_grid]  # only the grid's images are kept
+                records["_images"] = records["_images"][: self.num_grid]  # at most the grid's images are kept
             return records
 
         name = self.measure.name
@@ -159,6 +160,7 @@ class Evaluation(L.Callback):
         batches = list(cached_batches(trainer, f"{name} {stage}", cache, (index, x, y), self.batch_size, compute))
         local = {key: torch.cat([b[key].to(device) for b in batches]) for key in batches[0]}
         images = local.pop("_images", None)
+        images = None if images is None else images[: self.num_grid]
         local["valid"], local["index"] = valid.to(device), index.to(device)
         records = self._gather(trainer, pl_module, local)
         summary = self.measure.summarize(records)
@@ -169,11 +171,11 @@ class Evaluation(L.Callback):
         self._write(trainer, stage, summary, records, images, checks)
         return summary
 
-    def _checks(self, model, x: Tensor, y: Tensor, device) -> list[dict]:
+    def _checks(self, model, x: Tensor, y: Tensor) -> list[dict]:
         attack = getattr(self.measure, "attack", None)
         if not self.checks or attack is None:
             return []
-        results = model_checks(model, x[:CHECK_IMAGES].to(device), y[:CHECK_IMAGES].to(device), attack)
+        results = model_checks(model, x.to(model.device), y.to(model.device), attack)
         for result in results:
             if result["status"] != "PASS":
                 rank_zero_warn(f"model check failed: {result['name']} ({result['detail']})")
@@ -248,5 +250,5 @@ class Evaluation(L.Callback):
         rows = torch.stack([records[c].double() for c in columns], dim=1).tolist()
         media[f"{prefix}/records"] = wandb.Table(columns=columns, data=rows)
         if figure is not None:
-            media[f"{prefix}/grid"] = wandb.Image(figure)
+            media[f"{prefix}/grid"] = wandb.Image(to_rgb(figure).numpy())
         return media

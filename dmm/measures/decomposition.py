@@ -13,7 +13,10 @@ For images x with labels y, a classifier f and an autoencoder's encoder E and de
    the random subspace's (about sqrt(k / n)), and whether x + d_on or x + d_off alone fools f;
 4. each restricted arm's leak: the fraction of its perturbation's norm outside its subspace (with
    ``clamp=True`` the [0, 1] clamp moves part of it out; ``clamp="exact"`` keeps it at rounding level);
-5. the distance of each image from the manifold model, ||x − D(E(x))||: the tangent is taken at D(E(x)).
+5. the distance of each image from the manifold model, ||x − D(E(x))||: the tangent is taken at D(E(x));
+6. whether the parts alone fool f, and each part's share of the margin change, for the early-stopped d
+   (its first iterate past the boundary, which removing any part tends to un-cross) and for a perturbation
+   run to the full budget without early stopping (``full_budget_parts``), where the parts have room to act.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from dmm.manifold import (
 )
 from dmm.measures.base import Batch, Measure, Models
 from dmm.measures.statistics import censored_median, paired_ratio_median, wilson
-from dmm.tensors import fools, fraction, norms
+from dmm.tensors import eval_mode, fools, fraction, norms
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,25 @@ ARMS = ("full", "on", "off", "random", "random_off", "support", "support_off")
 PAIRS = (("on", "full"), ("off", "full"), ("random", "full"), ("random_off", "full"), ("on", "random"),
          ("off", "random_off"), ("on", "support"), ("off", "support_off"))  # fmt: skip
 """Paired norm ratios numerator/denominator, over the images both arms fooled (when both arms ran)."""
+
+
+def margins(model, x: Tensor, y: Tensor) -> Tensor:
+    """(B,) classification margin z_y − max_{j≠y} z_j of ``model`` at x: positive exactly when correct."""
+    with torch.no_grad(), eval_mode(model):
+        logits = model(x)
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
+    return z_y - logits.scatter(1, y[:, None], -math.inf).amax(dim=1)
+
+
+def margin_shares(model, x: Tensor, y: Tensor, part_a: Tensor, part_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Each part's share of the margin drop of the whole: (m(x) − m(x + part)) / (m(x) − m(x + a + b)), (B,)
+    each (NaN where the whole perturbation does not lower the margin). The parts are not clamped, so that
+    they add up to the whole; the shares then add to 1 for a model linear in between (two classes), and their
+    sum's distance from 1 measures the interaction."""
+    base = margins(model, x, y)
+    drop = base - margins(model, x + part_a + part_b, y)
+    drop = torch.where(drop > 0, drop, torch.full_like(drop, math.nan))
+    return (base - margins(model, x + part_a, y)) / drop, (base - margins(model, x + part_b, y)) / drop
 
 
 class Decomposition(Measure):
@@ -63,6 +85,8 @@ class Decomposition(Measure):
             bound, not a fixed-budget attack).
         support_threshold: a pixel belongs to an image's support when it exceeds this (``support`` arms).
         support_dilation: the support grows by this many pixels around the strokes.
+        full_budget_parts: also run the unconstrained attack to its full budget (no early stop) and record
+            whether its on- and off-manifold parts alone fool f and their shares of its margin change.
     """
 
     name = "decomposition"
@@ -75,6 +99,7 @@ class Decomposition(Measure):
         eps_curve: list[float] = [0.5, 1.0, 1.5, 2.0, 3.0],  # noqa: B006
         support_threshold: float = 0.1,
         support_dilation: int = 1,
+        full_budget_parts: bool = True,
     ) -> None:
         unknown = sorted(set(nulls) - {"random", "support"})
         if unknown:
@@ -91,6 +116,7 @@ class Decomposition(Measure):
         self.arms = tuple(a for a in ARMS if a in chosen)  # canonical order
         self.eps_curve = sorted(float(e) for e in eps_curve)
         self.support_threshold, self.support_dilation = support_threshold, support_dilation
+        self.full_budget_parts = full_budget_parts
 
     def settings(self) -> dict:
         return {
@@ -99,6 +125,7 @@ class Decomposition(Measure):
             "eps_curve": self.eps_curve,
             "support_threshold": self.support_threshold,
             "support_dilation": self.support_dilation,
+            "full_budget_parts": self.full_budget_parts,
         }
 
     def subspaces(self, models: Models, batch: Batch) -> tuple[dict, Tensor, Tensor, Tensor | None]:
@@ -156,6 +183,15 @@ class Decomposition(Measure):
             out["random_fraction"] = spaces["random"].fraction(d)
         out["on_part_fools"] = fools(f, (x + d_on).clamp(0, 1), y) & correct
         out["off_part_fools"] = fools(f, (x + d_off).clamp(0, 1), y) & correct
+        out["on_margin_share"], out["off_margin_share"] = margin_shares(f, x, y, d_on, d_off)
+        if self.full_budget_parts:
+            budget = self.attack.replace(early_stop=False)(f, x, y) - x
+            b_on, b_off = tangent.split(budget)
+            out["budget_fools"] = fools(f, x + budget, y) & correct
+            out["budget_on_fraction"] = fraction(b_on, budget)
+            out["budget_on_part_fools"] = fools(f, (x + b_on).clamp(0, 1), y) & correct
+            out["budget_off_part_fools"] = fools(f, (x + b_off).clamp(0, 1), y) & correct
+            out["budget_on_margin_share"], out["budget_off_margin_share"] = margin_shares(f, x, y, b_on, b_off)
         for arm in self.arms[1:]:
             out[f"leak_{arm}"] = fraction(spaces[arm].split(perturbations[arm])[1], perturbations[arm])
         out["recon_error"] = recon_error
@@ -209,6 +245,16 @@ class Decomposition(Measure):
             s[f"{key}_median"] = values.median().item() if values.numel() else math.nan
         for key in ("on_part_fools", "off_part_fools"):
             s[f"{key}_rate"] = records[key][ok].float().mean().item() if ok.any() else math.nan
+        for key in ("on_margin_share", "off_margin_share"):
+            if key in records:
+                s[f"{key}_median"] = records[key][ok].median().item() if ok.any() else math.nan
+        if "budget_fools" in records:  # over the images the full-budget attack fooled
+            hit = records["budget_fools"]
+            s["budget/success_rate"] = (hit.sum() / correct.sum().clamp_min(1)).item()
+            for key in ("on_part_fools", "off_part_fools"):
+                s[f"budget/{key}_rate"] = records[f"budget_{key}"][hit].float().mean().item() if hit.any() else math.nan
+            for key in ("on_fraction", "on_margin_share", "off_margin_share"):
+                s[f"budget/{key}_median"] = records[f"budget_{key}"][hit].median().item() if hit.any() else math.nan
         needed = records[f"full_{self.attack.norm}"]
         for eps in self.eps_curve:
             fooled = ok & (needed <= eps + 1e-6)

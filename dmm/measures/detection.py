@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from dmm.attacks import PGD
 from dmm.errors import DmmError
-from dmm.manifold import Subspace, tangent_basis
+from dmm.manifold import tangent_subspace
 from dmm.measures.base import Batch, Measure, Models
 from dmm.measures.statistics import auroc
 from dmm.tensors import autograd_on, eval_mode, norms, predict, rows
@@ -53,11 +53,12 @@ class ProjectThenClassify(nn.Module):
 
 def scores(encoder: nn.Module, decoder: nn.Module, x: Tensor) -> dict[str, Tensor]:
     """Off-manifold size of each input (B,), in eval mode: {"recon": ||r||, "offmanifold": ||(I − Q Q^T) r||}
-    with r = x − D(E(x)) and Q the tangent basis of D at E(x)."""
+    with r = x − D(E(x)) and Q Q^T the projection onto the tangent space of D at E(x) (matrix-free above
+    :data:`dmm.manifold.DENSE_LIMIT`, so ImageNet-sized decoders fit)."""
     with torch.no_grad(), eval_mode(encoder, decoder):
         z = encoder(x)
         residual = x - decoder(z)
-    off = Subspace(tangent_basis(decoder, z)).split(residual)[1]
+    off = tangent_subspace(decoder, z, x[0].numel())[0].split(residual)[1]
     return {"recon": norms(residual), "offmanifold": norms(off)}
 
 

@@ -9,21 +9,29 @@ stay inside [0, 1] and do not collapse to a point at 0 % or 100 %.
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import torch
 from torch import Tensor
 
-Z95 = 1.959963984540054  # the standard normal's 97.5 % quantile
+def wilson(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval (Wilson 1927) of a binomial rate; (nan, nan) for no trials.
 
-
-def wilson(successes: int, trials: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval (Wilson 1927) of a binomial rate; (nan, nan) for no trials."""
+    Unlike the normal (Wald) or a bootstrap interval it does not collapse to a point at 0 or ``trials``
+    successes: 0 of 20 gives [0, 0.161] at 95 %.
+    """
+    if not 0 <= successes <= trials:
+        raise ValueError(f"need 0 <= successes <= trials, got {successes} of {trials}")
     if trials == 0:
         return math.nan, math.nan
-    p = successes / trials
-    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    p, z2n = successes / trials, z * z / trials
+    centre = (p + z2n / 2) / (1 + z2n)
+    half = z / (1 + z2n) * math.sqrt(p * (1 - p) / trials + z2n / (4 * trials))
+    # At 0 (all) successes the lower (upper) end is exactly 0 (1); the formula gets it only up to rounding.
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == trials else min(1.0, centre + half)
+    return low, high
 
 
 def censored(norms: Tensor, success: Tensor) -> Tensor:

@@ -10,11 +10,11 @@ attacks are compared image by image only where both succeeded (:func:`paired_rat
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 
 import torch
 from torch import Tensor
 
+from dmm.measures.statistics import wilson
 from dmm.report.stats import LEVEL, bootstrap, masked_median
 
 # (numerator, denominator) arms of the paired ratios, shown when both arms were run.
@@ -35,18 +35,9 @@ def wilson_interval(successes: int, trials: int, level: float = LEVEL) -> dict:
     successes: 0 of 20 gives [0, 0.161] at 95 %. ``{"value", "ci", "successes", "trials"}``; NaN when
     ``trials`` is 0.
     """
-    if not 0 <= successes <= trials:
-        raise ValueError(f"need 0 <= successes <= trials, got {successes} of {trials}")
-    if trials == 0:
-        return {"value": math.nan, "ci": [math.nan, math.nan], "successes": 0, "trials": 0}
-    z = NormalDist().inv_cdf((1 + level) / 2)
-    p, z2n = successes / trials, z * z / trials
-    center = (p + z2n / 2) / (1 + z2n)
-    half = z / (1 + z2n) * math.sqrt(p * (1 - p) / trials + z2n / (4 * trials))
-    # At 0 (all) successes the lower (upper) end is exactly 0 (1); the formula gets it only up to rounding.
-    low = 0.0 if successes == 0 else max(0.0, center - half)
-    high = 1.0 if successes == trials else min(1.0, center + half)
-    return {"value": p, "ci": [low, high], "successes": successes, "trials": trials}
+    low, high = wilson(successes, trials, level)
+    value = successes / trials if trials else math.nan
+    return {"value": value, "ci": [low, high], "successes": successes, "trials": trials}
 
 
 def norm_needed(norms: Tensor, success: Tensor, eps: float) -> Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from dmm.models.loading import migrate_autoencoder
 from dmm.report.runs import Run
 
 
@@ -104,14 +105,18 @@ def autoencoder_facts(run: Run) -> dict:
     except Exception as error:  # replaced or truncated since the run: the report goes on without its facts
         facts["mse_source"] = f"n/a (cannot read {path}: {type(error).__name__})"
         return facts
-    hp = checkpoint.get("hyper_parameters", {})
+    # Old isometric subclasses read as today's Autoencoder with its regulariser, so old and new runs compare.
+    hp = migrate_autoencoder(dict(checkpoint.get("hyper_parameters", {})))
     facts.update(checkpoint=str(path), **{k: class_name(hp.get(k)) for k in ("encoder", "decoder")})
     facts["class"] = class_name(hp.get("_class_path"))
+    regularizer = hp.get("regularizer")
+    if isinstance(regularizer, dict):
+        facts["class"] += f" + {class_name(regularizer)}"
     known = {"encoder", "decoder", "input_shape", "latent_dim", "num_classes", "geometry_samples"}
     known |= {"optimizer", "scheduler"}
     facts["extra"] = {
         k: v
-        for k, v in hp.items()
+        for k, v in {**hp, **((regularizer or {}).get("init_args") or {})}.items()
         if k not in known and not k.startswith("_") and isinstance(v, (int, float, str, bool))
     }
     facts["mse"], facts["mse_source"] = _recorded_mse(checkpoint, path)
