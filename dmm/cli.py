@@ -32,9 +32,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 import dmm.data  # noqa: F401  (registers the classes so configs can name them briefly)
 import dmm.models  # noqa: F401
 from dmm.callbacks import Checkpoint, Evaluation, RNGState
-from dmm.models.loading import migrate_hyperparameters
 from dmm.errors import TRACEBACK_ENV, ConfigError, DmmError, Owner, blame, config_owners, is_bug, user_error
 from dmm.loggers import configure_wandb, finish_wandb, log_config
+from dmm.models.loading import migrate_hyperparameters
 
 log = logging.getLogger("dmm")
 

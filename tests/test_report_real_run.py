@@ -27,12 +27,10 @@ def _configs(root: Path, autoencoder: Path | None = None) -> dict[str, Path]:
         "test": {
             "trainer": {**QUIET, "default_root_dir": str(root / "test")},
             # step_size null is 2.5 eps / steps: the attack can reach its budget.
-            "decomposition": {
+            "evaluation": {
                 "autoencoder": str(autoencoder),
                 "num_images": 32,
-                "steps": 10,
-                "eps": 2.0,
-                "step_size": None,
+                "measure": {"init_args": {"attack": {"steps": 10, "eps": 2.0, "step_size": None}}},
             },
         },
     }

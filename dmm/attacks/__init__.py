@@ -5,5 +5,3 @@ from dmm.attacks.balls import BALLS, Ball, L2Ball, LinfBall
 from dmm.attacks.pgd import LOSSES, PGD, Projector, box_exact
 
 __all__ = ["BALLS", "LOSSES", "PGD", "Ball", "L2Ball", "LinfBall", "Projector", "box_exact"]
-
-from dmm.attacks._legacy import _eval_mode, fgsm, pgd  # noqa: E402, F401  TEMPORARY, see _legacy.py

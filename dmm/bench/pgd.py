@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from dmm.attacks import pgd
+from dmm.attacks import PGD
 from dmm.bench.core import Options, Row, Target, median, peak_memory_mb, repeat_times
 from dmm.bench.inputs import classifier, images
 
@@ -100,7 +100,7 @@ def run(opts: Options) -> list[Row]:
     for norm, eps in EPS.items():
 
         def ours(norm=norm, eps=eps):
-            return pgd(model, x, y, eps=eps, norm=norm, steps=sizes.steps)
+            return PGD(eps=eps, norm=norm, steps=sizes.steps)(model, x, y)
 
         fns = {"ours": ours, "floor": lambda: gradient_floor(model, x, y, sizes.steps)}
         libraries = {name: _library_attack(name, model, norm, eps, sizes.steps) for name in ("torchattacks", "foolbox")}
@@ -145,14 +145,14 @@ def _early_stop_row(opts: Options, sizes: Sizes) -> Row:
     x, y, source = images(opts, sizes.batch)
     eps = EPS["l2"]
     fns = {
-        "early_stop": lambda: pgd(model, x, y, eps=eps, steps=sizes.steps, early_stop=True),
-        "all_steps": lambda: pgd(model, x, y, eps=eps, steps=sizes.steps),
+        "early_stop": lambda: PGD(eps=eps, steps=sizes.steps, early_stop=True)(model, x, y),
+        "all_steps": lambda: PGD(eps=eps, steps=sizes.steps)(model, x, y),
     }
     samples = repeat_times(fns, repeats=sizes.repeats, device=opts.device)
     counted = {}
     for name, early_stop in (("early_stop", True), ("all_steps", False)):
         counter = RowCounter(model)
-        pgd(counter, x, y, eps=eps, steps=sizes.steps, early_stop=early_stop)
+        PGD(eps=eps, steps=sizes.steps, early_stop=early_stop)(counter, x, y)
         counted[name] = counter.rows
     t_es, t_all = median(samples["early_stop"]), median(samples["all_steps"])
     saved = 1 - counted["early_stop"] / counted["all_steps"]

@@ -48,7 +48,3 @@ __all__ = [
     "tangent_space",
     "tangent_subspace",
 ]
-
-
-def projector(basis, *, off=False):  # TEMPORARY shim until every caller takes Subspace
-    return Subspace(basis, complement=off)

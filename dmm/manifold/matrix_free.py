@@ -195,9 +195,3 @@ class MatrixFreeTangent:
         """(B,) ||part of d in the space|| / ||d|| (0 where d = 0), as :meth:`Subspace.fraction`."""
         inside = self.split(d, index)[0].reshape(d.shape[0], -1)
         return inside.norm(dim=1) / d.reshape(d.shape[0], -1).norm(dim=1).clamp_min(torch.finfo(d.dtype).tiny)
-
-    def projector(self, *, off: bool = False):  # TEMPORARY shim
-        return self.complement() if off else self
-
-    def decompose(self, d, index=None):  # TEMPORARY shim
-        return self.split(d, index)

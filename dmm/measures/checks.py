@@ -25,7 +25,8 @@ def model_checks(model: nn.Module, x: Tensor, y: Tensor, attack: PGD) -> list[di
     - it outputs logits, not probabilities (softmax outputs make attacks see vanishing gradients);
     - two forward passes agree (a randomised model needs expectation over transformation);
     - input gradients are neither zero nor tiny relative to the loss (saturated or masked gradients);
-    - the iterative ``attack`` fools at least as many images as its one-step version (FGM) at the same budget.
+    - the iterative ``attack`` fools at least as many images as its one-step version (FGM) with the budget it can
+      reach (``attack.reach``, when that is below eps).
     """
     m = len(y)
     with torch.no_grad(), eval_mode(model):
@@ -37,7 +38,9 @@ def model_checks(model: nn.Module, x: Tensor, y: Tensor, attack: PGD) -> list[di
         (grad,) = torch.autograd.grad(losses.sum(), xg)
     tiny = norms(grad) <= TINY_GRADIENT * losses.detach().abs().clamp_min(torch.finfo(x.dtype).tiny)
     correct = logits.argmax(1) == y
-    single = attack.replace(steps=1, step_size=None, early_stop=False, restarts=1, random_start=False)
+    # FGM with the budget the iterative attack can actually use (steps x step size may fall short of eps).
+    single = attack.replace(eps=min(attack.eps, attack.reach), steps=1, step_size=None, early_stop=False, restarts=1,
+                            random_start=False)  # fmt: skip
     rates = {}
     for name, a in (("fgm", single), ("pgd", attack)):
         with torch.no_grad(), eval_mode(model):
