@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classifiers", nargs="*", help="existing classifier checkpoints (instead of training)")
     parser.add_argument("--autoencoders", nargs="*", help="existing autoencoder checkpoints (instead of training)")
     parser.add_argument("--data-dir", help="--data.data_dir of every run")
-    parser.add_argument("--fit-args", default="", help='more arguments of every `dmm fit`, one string: "--trainer.max_epochs 2"')
+    parser.add_argument("--fit-args", default="", help='more arguments of every `dmm fit`, one string: "--a 1 --b 2"')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out)

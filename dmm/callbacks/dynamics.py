@@ -257,7 +257,9 @@ def plot_history(history: list[dict[str, float]], eps: float, baseline: float) -
         )
         distances.fill_between(steps, q["q25"], q["q75"], color=colour, alpha=0.15, linewidth=0)
     distances.axhline(eps, color="grey", linestyle="--", linewidth=1, label="search limit")
-    distances.set(xlabel="global step", ylabel="L2 distance to the boundary", title="distance (all points): median, quartiles")
+    distances.set(
+        xlabel="global step", ylabel="L2 distance to the boundary", title="distance (all points): median, quartiles"
+    )
     for name, colour in zip(GRADIENTS, ("tab:green", "tab:purple"), strict=True):
         gradients.plot(steps, [h[f"grad_on/{name}"] for h in history], color=colour, marker=".", label=name)
         gradients.plot(steps, [h[f"grad_random/{name}"] for h in history], color=colour, linestyle=":")

@@ -44,7 +44,9 @@ def finite_or_none(value):
     return value
 
 
-def fixed_subset(dataset, count: int, seed: int, rank: int = 0, world: int = 1) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def fixed_subset(
+    dataset, count: int, seed: int, rank: int = 0, world: int = 1
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """This process's shard of a seeded subset of ``count`` images: x, y, ``valid`` and dataset ``index``.
 
     The subset is ``randperm(len(dataset), seed)[:count]``; shard r takes positions r, r + world, ..., padded

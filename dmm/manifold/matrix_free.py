@@ -26,7 +26,6 @@ from torch.func import jvp, vjp
 from dmm.errors import DmmError
 from dmm.tensors import autograd_on, eval_mode, rows
 
-
 ORTHOGONAL_EPS = 8
 """Machine epsilons of ||J^T r|| / (||J|| ||r||) below which r = d - J c counts as orthogonal to the tangent
 space (float32: 1e-6; small float32 decoders reach 5e-9)."""
@@ -116,7 +115,8 @@ def project_tangent(
             orthogonal = best < orthogonal_tol * norm_j * best_r
             done = (relative < tol) | orthogonal | ~torch.isfinite(current) | (step == max_iter)
             if bool(done.any()):  # the one host sync per iteration that per-sample stopping needs
-                on[running[done]], iterations[running[done]], residual[running[done]] = best_u[done], step, relative[done]
+                finished = running[done]
+                on[finished], iterations[finished], residual[finished] = best_u[done], step, relative[done]
                 keep = ~done
                 if not bool(keep.any()):
                     break

@@ -41,9 +41,7 @@ def random_basis(
     return torch.linalg.qr(gauss, mode="reduced").Q
 
 
-def random_subspace_fraction(
-    d: Tensor, k: int, *, generator: Generators = None
-) -> Tensor:
+def random_subspace_fraction(d: Tensor, k: int, *, generator: Generators = None) -> Tensor:
     """(B,) on-subspace fraction of each perturbation for an independent uniformly random k-dim subspace.
 
     Equal in distribution to ``on_fraction(d, random_basis(B, n, k))`` but without the (B, n, k) basis:

@@ -16,7 +16,8 @@ TINY_GRADIENT = 1e-8
 
 def check(name: str, passed: bool, detail: str, advice: str = "") -> dict:
     """One line: ``{"name", "status": "PASS"|"WARN", "detail"}``; ``advice`` is appended on WARN."""
-    return {"name": name, "status": "PASS" if passed else "WARN", "detail": detail + (f": {advice}" if advice and not passed else "")}
+    detail += f": {advice}" if advice and not passed else ""
+    return {"name": name, "status": "PASS" if passed else "WARN", "detail": detail}
 
 
 def model_checks(model: nn.Module, x: Tensor, y: Tensor, attack: PGD) -> list[dict]:

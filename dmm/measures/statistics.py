@@ -14,6 +14,7 @@ from statistics import NormalDist
 import torch
 from torch import Tensor
 
+
 def wilson(successes: int, trials: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval (Wilson 1927) of a binomial rate; (nan, nan) for no trials.
 

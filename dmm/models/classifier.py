@@ -16,6 +16,7 @@ from dmm.errors import DmmError
 from dmm.models.optim import configure_optimizers
 from dmm.nets import MLP, ClassifierFactory, Shape
 
+
 class Classifier(L.LightningModule):
     """Image classifier. Takes images in [0, 1], (B, C, H, W); returns logits (B, num_classes).
 
