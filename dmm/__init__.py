@@ -25,6 +25,8 @@ _EXPORTS = {
     "Decomposition": "dmm.measures",
     "Detection": "dmm.measures",
     "Geometry": "dmm.measures",
+    "Robustness": "dmm.measures",
+    "AdaptivePTC": "dmm.measures",
 }
 
 __all__ = list(_EXPORTS)

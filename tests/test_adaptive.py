@@ -12,7 +12,8 @@ from torch.nn import functional as F
 from dmm.attacks import PGD
 from dmm.errors import DmmError
 from dmm.measures import Models, ProjectThenClassify, make_batch
-from dmm.measures.adaptive import ATTACKS, BISECTION, BPDA, AdaptivePTC, LatentPGD, pull_back
+from dmm.measures.adaptive import ATTACKS, AdaptivePTC
+from dmm.measures.ptc_attacks import BISECTION, BPDA, EvasivePGD, LatentPGD, pull_back
 from dmm.nets import MLP
 
 SHAPE = (1, 8, 8)
@@ -155,6 +156,29 @@ def test_measure_minimum_is_at_most_every_attack_and_falls_with_eps() -> None:
     assert s["ptc/whitebox/robust_acc@0.1"] < s["ptc/bpda/robust_acc@0.1"]  # as the analytic reaches say
 
 
+def test_an_adversary_who_knows_the_detector_evades_it() -> None:
+    """Every clean image sits 0.1 off the plane, so the detector's threshold is 0.1. A detector-blind PGD steps
+    along w, partly off the plane: every image it fools scores above 0.1. The evasive attack, once it has fooled
+    the classifier, spends the rest of its budget on the score and ends below the clean images' own."""
+    classifier, encoder, decoder, x, _, _ = plane()
+    autoencoder = nn.Sequential(encoder, decoder)
+    y = classifier(x).argmax(1)
+    x_adv = EvasivePGD(eps=0.1, steps=20, penalty=1.0)(classifier, autoencoder, x, y)
+    assert x_adv.min() >= 0 and x_adv.max() <= 1 and ((x_adv - x).flatten(1).norm(dim=1) <= 0.1 + 1e-6).all()
+    measure = AdaptivePTC(PGD(eps=0.1, steps=20), eps_curve=[0.05], detector_penalty=1.0)
+    records = measure.measure(Models(classifier, encoder, decoder), make_batch(x, y, torch.arange(96), seed=0))
+    s = measure.summarize(records)
+    assert s["detect/threshold"] == pytest.approx(0.1, abs=1e-6)
+    assert s["detect/standard/success_rate"] > 0.5 and s["detect/evasive/success_rate"] > 0.5
+    assert s["detect/standard/detection_rate"] == 1 and s["detect/standard/auroc"] == 1
+    assert s["detect/evasive/detection_rate"] == 0 and s["detect/evasive/undetected_rate"] > 0.5
+    both = records["detect/standard/fooled"] & records["detect/evasive/fooled"]
+    assert (records["detect/evasive/score"][both] < records["detect/standard/score"][both]).all()
+    off = AdaptivePTC(PGD(eps=0.1, steps=2), eps_curve=[0.05], detector_penalty=None)
+    records = off.measure(Models(classifier, encoder, decoder), make_batch(x[:4], y[:4], torch.arange(4), seed=0))
+    assert not any(key.startswith("detect") for key in records)
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(DmmError, match="eps_curve"):
         AdaptivePTC(eps_curve=[0.5, -1.0])
@@ -164,3 +188,5 @@ def test_bad_settings_are_refused() -> None:
         AdaptivePTC(attack=PGD(norm="linf"))
     with pytest.raises(DmmError, match="steps"):
         LatentPGD(steps=0)
+    with pytest.raises(DmmError, match="penalty"):
+        AdaptivePTC(detector_penalty=-1.0)

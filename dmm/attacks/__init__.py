@@ -2,6 +2,7 @@
 steps in, and the :class:`Projector` protocol through which it is restricted to a subspace."""
 
 from dmm.attacks.balls import BALLS, Ball, L2Ball, LinfBall
+from dmm.attacks.library import APGD, FMN
 from dmm.attacks.pgd import LOSSES, PGD, Projector, box_exact
 
-__all__ = ["BALLS", "LOSSES", "PGD", "Ball", "L2Ball", "LinfBall", "Projector", "box_exact"]
+__all__ = ["APGD", "BALLS", "FMN", "LOSSES", "PGD", "Ball", "L2Ball", "LinfBall", "Projector", "box_exact"]

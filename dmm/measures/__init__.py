@@ -6,18 +6,28 @@ base           :class:`Measure`, the :class:`Models` and :class:`Batch` it is gi
 decomposition  the DMM decomposition: attacks per arm (tangent, complement, random and support nulls)
 detection      off-manifold detection with its equal-norm noise control, and project-then-classify
 geometry       input-gradient alignment and boundary distances along and across the tangent space
+robustness     fixed-budget robust accuracy (APGD-CE/DLR via adv-lib, or PGD), convergence, FMN distances
+adaptive       adaptive attacks on project-then-classify (BPDA, latent, transfer) and on the detector
 checks         model checks before any attack (logits, determinism, vanishing gradients, FGM vs PGD)
 statistics     censored medians, survival curves, paired ratios, Wilson intervals, rank AUROC
 =============  ===========================================================================================
 """
 
+from dmm.measures.adaptive import AdaptivePTC
 from dmm.measures.base import Batch, Measure, Models, image_seed, make_batch
 from dmm.measures.checks import model_checks
 from dmm.measures.decomposition import Decomposition
 from dmm.measures.detection import Detection, ProjectThenClassify
 from dmm.measures.geometry import Geometry
+from dmm.measures.ptc_attacks import BPDA, EvasivePGD, LatentPGD
+from dmm.measures.robustness import Robustness
 
 __all__ = [
+    "AdaptivePTC",
+    "BPDA",
+    "EvasivePGD",
+    "LatentPGD",
+    "Robustness",
     "Batch",
     "Decomposition",
     "Detection",

@@ -8,7 +8,8 @@ too (so the curve cannot rise with ε; ``nonmonotone@ε`` counts the images wher
 what a smaller budget found, a sign of a weak attack). Around that:
 
 - *convergence*: every attack again with twice the steps and twice the restarts on the same images; the
-  robust accuracy these runs add may lower it by less than 0.5 points, else ``convergence/flag@ε`` is 1;
+  images only these runs break may lower robust accuracy by less than 0.5 points, else ``convergence/flag@ε``
+  is 1;
 - *sanity*: at a budget covering the whole [0, 1] box (its diameter unless ``sanity_eps``), robust accuracy
   must be 0 — anything else means the attack cannot follow the gradient (Carlini et al. 2019);
 - *norm needed*: the early-stopped PGD of ``attack`` gives the norm each image needed; the robust accuracy
