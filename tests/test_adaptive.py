@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from planes import SHAPE, K, LinearDecoder, LinearEncoder, N
 from torch import nn
 from torch.nn import functional as F
 
@@ -15,23 +14,6 @@ from dmm.measures import Models, ProjectThenClassify, make_batch
 from dmm.measures.adaptive import ATTACKS, AdaptivePTC
 from dmm.measures.ptc_attacks import BISECTION, BPDA, EvasivePGD, LatentPGD, pull_back
 from dmm.nets import MLP
-
-SHAPE = (1, 8, 8)
-N, K = math.prod(SHAPE), 3
-
-
-class LinearEncoder(nn.Module):
-    def __init__(self, a: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("a", a)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.flatten(1) - 0.5) @ self.a
-
-
-class LinearDecoder(LinearEncoder):
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return (0.5 + z @ self.a.T).view(-1, *SHAPE)
 
 
 def plane(points: int = 96, off: float = 0.1, seed: int = 0):

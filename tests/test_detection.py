@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from planes import SHAPE, K, LinearDecoder, LinearEncoder, N
 from torch import nn
 from torch.nn import functional as F
 
@@ -16,23 +17,6 @@ from dmm.measures import Detection, Models, ProjectThenClassify, make_batch
 from dmm.measures.detection import equal_norm_noise, input_gradient_norm, scores
 from dmm.measures.statistics import auroc
 from dmm.nets import MLP, MLPDecoder, MLPEncoder
-
-SHAPE = (1, 8, 8)
-N, K = math.prod(SHAPE), 3
-
-
-class LinearEncoder(nn.Module):
-    def __init__(self, a: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("a", a)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.flatten(1) - 0.5) @ self.a
-
-
-class LinearDecoder(LinearEncoder):
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return (0.5 + z @ self.a.T).view(-1, *SHAPE)
 
 
 def linear_manifold(points: int = 256):
