@@ -53,3 +53,28 @@ def test_full_budget_parts_are_recorded_and_summarised() -> None:
     assert not math.isnan(summary["budget/off_part_fools_rate"])
     off = Decomposition(PGD(eps=2.0, steps=20, step_size=0.2, early_stop=True), nulls=[], full_budget_parts=False)
     assert "budget_fools" not in off.measure(models, make_batch(x, y, torch.arange(32), seed=0))
+
+
+def test_partners_are_other_images_of_the_same_class() -> None:
+    from dmm.measures.decomposition import partners
+
+    y = torch.tensor([0, 1, 0, 2, 1, 0])
+    partner, same = partners(y)
+    assert partner.tolist() == [2, 4, 5, 4, 1, 0]  # next of the class, cyclically; class 2 is alone
+    assert same.tolist() == [True, True, True, False, True, True]
+    assert (partner != torch.arange(6)).all()
+
+
+def test_other_image_null_runs_on_the_partners_tangent_spaces() -> None:
+    torch.manual_seed(0)
+    models = Models(MLP(SHAPE, 3, hidden=(32,), dropout=0.0), MLPEncoder(SHAPE, 3, hidden=(16,)),
+                    MLPDecoder(3, SHAPE, hidden=(16,)))  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(24, *SHAPE, generator=g), torch.randint(0, 3, (24,), generator=g)
+    measure = Decomposition(PGD(eps=2.0, steps=10, step_size=0.2, early_stop=True, clamp=False), nulls=["other"])
+    assert measure.arms == ("full", "on", "off", "other", "other_off")
+    records = measure.measure(models, make_batch(x, y, torch.arange(24), seed=0))
+    assert records["other_same_class"].all()
+    assert records["leak_other"].max() < 1e-4  # clamp off: the attack stays in the partner's tangent space
+    summary = measure.summarize(records)
+    assert "ratio/on_over_other" in summary and "other/l2_needed_median" in summary

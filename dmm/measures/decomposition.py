@@ -8,7 +8,8 @@ For images x with labels y, a classifier f and an autoencoder's encoder E and de
    are comparable: unconstrained (``full``), restricted to the tangent space (``on``) or to its complement
    (``off``), and the null models the tangent space must beat — a uniformly random k-dim subspace per image
    (``random``) and its complement (``random_off``), and a random k-dim subspace of the image's own active
-   pixels (``support``, ``support_off``), which shares the tangent space's pixel support;
+   pixels (``support``, ``support_off``), which shares the tangent space's pixel support, and the tangent
+   space of *another* image of the same class (``other``, ``other_off``): a digit's shape, not this image's;
 3. the unconstrained perturbation d split as d_on + d_off, its on-manifold fraction ||d_on|| / ||d|| next to
    the random subspace's (about sqrt(k / n)), and whether x + d_on or x + d_off alone fools f;
 4. each restricted arm's leak: the fraction of its perturbation's norm outside its subspace (with
@@ -45,11 +46,32 @@ from dmm.tensors import eval_mode, fools, fraction, norms
 
 log = logging.getLogger(__name__)
 
-ARMS = ("full", "on", "off", "random", "random_off", "support", "support_off")
+ARMS = ("full", "on", "off", "random", "random_off", "support", "support_off", "other", "other_off")
 """Every arm: the subspace each attack is restricted to (``full``: none)."""
 PAIRS = (("on", "full"), ("off", "full"), ("random", "full"), ("random_off", "full"), ("on", "random"),
-         ("off", "random_off"), ("on", "support"), ("off", "support_off"))  # fmt: skip
+         ("off", "random_off"), ("on", "support"), ("off", "support_off"), ("on", "other"),
+         ("off", "other_off"))  # fmt: skip
 """Paired norm ratios numerator/denominator, over the images both arms fooled (when both arms ran)."""
+
+
+def partners(y: Tensor) -> tuple[Tensor, Tensor]:
+    """For each image of a batch, another image of the same class: the next one in batch order, cyclically.
+
+    Returns (partner (B,) int64, same_class (B,) bool); an image alone in its class in the batch gets the next
+    image of any class (``same_class`` False; with batches of hundreds of images it does not happen). The
+    choice depends on the batch, so the ``other`` arm's records, unlike the others', depend on batch size and
+    process count.
+    """
+    batch = len(y)
+    partner = (torch.arange(batch, device=y.device) + 1) % max(batch, 1)
+    same = torch.zeros(batch, dtype=torch.bool, device=y.device)
+    for i in range(batch):
+        mates = ((y == y[i]).nonzero().squeeze(1)).tolist()
+        mates = [j for j in mates if j != i]
+        if mates:
+            later = [j for j in mates if j > i]
+            partner[i], same[i] = (later or mates)[0], True
+    return partner, same
 
 
 def margins(model, x: Tensor, y: Tensor) -> Tensor:
@@ -78,7 +100,8 @@ class Decomposition(Measure):
         attack: the budget and step rule every arm shares; early stopping makes each norm the norm needed.
             L2 only for the restricted arms (see :class:`dmm.attacks.PGD`).
         nulls: the null models whose arms run next to on/off: "random" (a random subspace and its complement)
-            and "support" (a random subspace of the image's active pixels and its complement). L∞ attacks run
+            "support" (a random subspace of the image's active pixels and its complement) and "other" (the
+            tangent space at another image of the same class in the batch, see :func:`partners`). L∞ attacks run
             the unconstrained arm alone: a restricted steepest L∞ step is a linear programme (see
             :class:`dmm.attacks.PGD`); the L∞ perturbation is still split.
         eps_curve: budgets at which robust accuracy is read off the early-stopped unconstrained run (an upper
@@ -95,15 +118,15 @@ class Decomposition(Measure):
     def __init__(
         self,
         attack: PGD = PGD(eps=4.0, steps=100, step_size=0.05, early_stop=True),
-        nulls: list[Literal["random", "support"]] = ["random"],  # noqa: B006  (read, never changed)
+        nulls: list[Literal["random", "support", "other"]] = ["random"],  # noqa: B006  (read, never changed)
         eps_curve: list[float] = [0.5, 1.0, 1.5, 2.0, 3.0],  # noqa: B006
         support_threshold: float = 0.1,
         support_dilation: int = 1,
         full_budget_parts: bool = True,
     ) -> None:
-        unknown = sorted(set(nulls) - {"random", "support"})
+        unknown = sorted(set(nulls) - {"random", "support", "other"})
         if unknown:
-            raise DmmError(f"decomposition nulls must be among ['random', 'support']; unknown {unknown}")
+            raise DmmError(f"decomposition nulls must be among ['random', 'support', 'other']; unknown {unknown}")
         if attack.norm != "l2" and nulls:
             raise DmmError("the null arms are L2 only (see dmm.attacks.PGD): use norm l2, or nulls: []")
         if any(not (math.isfinite(e) and e >= 0) for e in eps_curve):
@@ -137,8 +160,8 @@ class Decomposition(Measure):
         spaces: dict = {"full": None, "on": tangent, "off": tangent.complement()}
         random = None
         dense = isinstance(tangent, Subspace)
-        if not dense and set(self.arms) & {"random", "random_off", "support", "support_off"}:
-            raise DmmError("random and support arms need a dense basis; above DENSE_LIMIT run arms: [full, on, off]")
+        if not dense and set(self.arms) - {"full", "on", "off"}:
+            raise DmmError("the null arms need a dense basis; above DENSE_LIMIT run nulls: []")
         if dense:
             # The first draw of each image's generator: the same basis as the on-fraction's baseline.
             random = random_basis(*tangent.basis.shape, generator=batch.generators, device=x.device, dtype=x.dtype)
@@ -149,6 +172,10 @@ class Decomposition(Measure):
                 k = tangent.basis.shape[2]
                 spaces["support"] = Subspace(support_basis(mask, k, generator=batch.generators, dtype=x.dtype))
                 spaces["support_off"] = spaces["support"].complement()
+            if {"other", "other_off"} & set(self.arms):
+                partner, _ = partners(batch.y)
+                spaces["other"] = Subspace(tangent.basis[partner])
+                spaces["other_off"] = spaces["other"].complement()
         return spaces, condition, z, random
 
     def measure(self, models: Models, batch: Batch) -> dict[str, Tensor]:
@@ -195,6 +222,8 @@ class Decomposition(Measure):
         for arm in self.arms[1:]:
             out[f"leak_{arm}"] = fraction(spaces[arm].split(perturbations[arm])[1], perturbations[arm])
         out["recon_error"] = recon_error
+        if "other" in self.arms:
+            out["other_same_class"] = partners(y)[1]
         out["_images"] = torch.stack([x, x + d, d, d_on, d_off], dim=1)
         return out
 

@@ -14,18 +14,12 @@ import math
 import torch
 from torch import Tensor
 
+from dmm.measures.decomposition import PAIRS
 from dmm.measures.statistics import wilson
 from dmm.report.stats import LEVEL, bootstrap, masked_median
 
-# (numerator, denominator) arms of the paired ratios, shown when both arms were run.
-RATIO_PAIRS = (
-    ("on", "full"),
-    ("off", "full"),
-    ("random", "full"),
-    ("random_off", "full"),
-    ("on", "random"),
-    ("off", "random_off"),
-)
+# (numerator, denominator) arms of the paired ratios, shown when both arms were run: the measure's own pairs.
+RATIO_PAIRS = PAIRS
 
 
 def wilson_interval(successes: int, trials: int, level: float = LEVEL) -> dict:

@@ -27,6 +27,10 @@ ARM_LABELS = {
     "off": "off-manifold (its complement)",
     "random": "random k-dim subspace",
     "random_off": "random subspace's complement",
+    "support": "random subspace of the image's pixels",
+    "support_off": "its complement",
+    "other": "tangent space of another image of the class",
+    "other_off": "its complement (other image)",
 }
 REQUIRED_PAYLOAD = ("settings", "eps_curve", "latent_dim", "input_shape", "summary")
 REQUIRED_SETTINGS = ("eps", "norm", "steps", "step_size", "clamp")
