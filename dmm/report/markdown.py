@@ -80,7 +80,7 @@ def seed_table(report: dict) -> list[str]:
     for i, g in enumerate(report["seed_groups"], 1):
         seeds = ", ".join("n/a" if s is None else str(s) for s in g["seeds"])
         out += [
-            f"**Group {i}**: {len(g['runs'])} runs ({', '.join(g['runs'])}; seeds {seeds}).",
+            f"**Group {i}**: {len(g['runs'])} runs ({', '.join(g['runs'])}; image-subset seeds {seeds}).",
             "",
         ]
         if not g["independent"]:
