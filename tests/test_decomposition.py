@@ -172,7 +172,7 @@ def test_support_arms_run_in_the_images_own_pixels(models: Models) -> None:
     batch = make_batch(x, torch.randint(0, 3, (16,), generator=generator), torch.arange(16), seed=0)
     measure = Decomposition(PGD(eps=2.0, steps=20, step_size=0.1, clamp=False, early_stop=True),
                             nulls=["random", "support"])  # fmt: skip
-    assert measure.arms == ARMS
+    assert measure.arms == ARMS[:7]  # without the other-image arms
     spaces = measure.subspaces(models, batch)[0]
     basis = spaces["support"].basis
     assert basis[~mask.flatten(1)].abs().max() < 1e-6  # zero but for the QR's rounding
