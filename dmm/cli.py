@@ -25,7 +25,6 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
-from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
@@ -34,15 +33,11 @@ import dmm.models  # noqa: F401
 from dmm.callbacks import Checkpoint, Evaluation, RNGState
 from dmm.errors import TRACEBACK_ENV, ConfigError, DmmError, Owner, blame, config_owners, is_bug, user_error
 from dmm.loggers import configure_wandb, finish_wandb, log_config
-from dmm.models.loading import migrate_hyperparameters
+from dmm.models.loading import check_ckpt_path, migrate_hyperparameters
 
 log = logging.getLogger("dmm")
 
 RUN_DIR_ENV = "DMM_RUN_DIR"  # set by the first process so DDP workers it launches share the folder
-CKPT_HINT = (
-    "pass a checkpoint file written by `dmm fit` (runs/<run>/checkpoints/best-*.ckpt, or last.ckpt to resume) "
-    "or its run folder runs/<run> for that run's best checkpoint"
-)
 
 
 def _new_run_dir(root: Path) -> tuple[Path, bool]:
@@ -67,35 +62,6 @@ def _new_run_dir(root: Path) -> tuple[Path, bool]:
         owned = True
     os.environ[RUN_DIR_ENV] = str(path)
     return path, owned
-
-
-def best_checkpoint(run_dir: Path) -> Path:
-    """The best checkpoint of a ``dmm fit`` run folder (``<run>/checkpoints/best-*.ckpt``)."""
-    folder = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
-    candidates = sorted(folder.glob("best-*.ckpt"))
-    if len(candidates) > 1 and (folder / "last.ckpt").is_file():  # save_top_k > 1: ask the run which is best
-        state = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True).get("callbacks", {})
-        best = {Path(s.get("best_model_path", "")).name for k, s in state.items() if k.startswith("ModelCheckpoint")}
-        candidates = [c for c in candidates if c.name in best] or candidates
-    if len(candidates) != 1:
-        found = ", ".join(c.name for c in candidates) or "no best-*.ckpt"
-        raise DmmError(f"--ckpt_path {run_dir}: a run folder must hold one best checkpoint, found {found}; {CKPT_HINT}")
-    return candidates[0]
-
-
-def check_ckpt_path(subcommand: str, config: Namespace) -> None:
-    """Refuse a checkpoint path Lightning would fail on deep inside a run; a run folder becomes its best file."""
-    path = config.get("ckpt_path")
-    if path is None or "://" in str(path):  # remote paths are Lightning's to check
-        return
-    if path in ("best", "last", "hpc", "registry"):
-        if subcommand == "fit" and path == "hpc":
-            return
-        raise DmmError(f"--ckpt_path {path} names a checkpoint of an earlier fit in this same process; {CKPT_HINT}")
-    if Path(path).is_dir():
-        config.ckpt_path = str(best_checkpoint(Path(path)))
-    elif not Path(path).is_file():
-        raise DmmError(f"--ckpt_path {path}: no such file; {CKPT_HINT}")
 
 
 class DmmArgumentParser(LightningArgumentParser):

@@ -27,14 +27,9 @@ import sys
 from pathlib import Path
 
 from dmm.errors import DmmError
+from dmm.models.loading import best_checkpoint
 
 log = logging.getLogger("dmm.seeds")
-
-
-def _checkpoint(folder: Path) -> Path:
-    """The best checkpoint of a finished ``dmm fit`` folder (the monitored one), else its last."""
-    best = sorted((folder / "checkpoints").glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime)
-    return best[-1] if best else folder / "checkpoints" / "last.ckpt"
 
 
 def _step(folder: Path, args: list[str]) -> None:
@@ -60,7 +55,7 @@ def _trained(out: Path, kind: str, config: str, seeds: list[int], common: list[s
     for seed in seeds:
         folder = out / f"{kind}-seed{seed}"
         _step(folder, ["fit", "--config", config, "--seed_everything", str(seed), *common])
-        runs.append((str(seed), _checkpoint(folder)))
+        runs.append((str(seed), best_checkpoint(folder)))
     return runs
 
 

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import csv
-import os
 from functools import partial
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from cli_runs import fit
 
 from dmm.attacks import PGD
-from dmm.cli import main
 from dmm.data import SyntheticManifoldDataModule
 from dmm.errors import DmmError
 from dmm.models import Classifier
@@ -21,19 +20,6 @@ from dmm.nets import MLP
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # "1" would parse as the float 1.0, which Lightning reads as 100 % of the batches; "2" means two batches.
 SHORT = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2"]
-
-
-def run(*args: str) -> None:
-    os.environ.pop("DMM_RUN_DIR", None)
-    main(list(args))
-    os.environ.pop("DMM_RUN_DIR", None)
-
-
-def fit(config: Path, root: Path, *args: str) -> Path:
-    """``dmm fit`` in a fresh folder under ``root``; returns its last checkpoint."""
-    run("fit", "--config", str(config), "--trainer.default_root_dir", str(root), *args)
-    (checkpoint,) = root.glob("*/checkpoints/last.ckpt")
-    return checkpoint
 
 
 def counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:

@@ -15,6 +15,12 @@ from dmm.nets import MLP, MLPDecoder, MLPEncoder
 SHAPE = (1, 8, 8)
 
 
+def _tiny_models() -> Models:
+    torch.manual_seed(0)
+    return Models(MLP(SHAPE, 3, hidden=(32,), dropout=0.0), MLPEncoder(SHAPE, 3, hidden=(16,)),
+                  MLPDecoder(3, SHAPE, hidden=(16,)))  # fmt: skip
+
+
 def test_margin_shares_add_to_one_on_a_two_class_linear_model() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
@@ -37,9 +43,7 @@ def test_margins_are_positive_exactly_when_correct() -> None:
 
 
 def test_full_budget_parts_are_recorded_and_summarised() -> None:
-    torch.manual_seed(0)
-    models = Models(MLP(SHAPE, 3, hidden=(32,), dropout=0.0), MLPEncoder(SHAPE, 3, hidden=(16,)),
-                    MLPDecoder(3, SHAPE, hidden=(16,)))  # fmt: skip
+    models = _tiny_models()
     g = torch.Generator().manual_seed(1)
     x, y = torch.rand(32, *SHAPE, generator=g), torch.randint(0, 3, (32,), generator=g)
     measure = Decomposition(PGD(eps=2.0, steps=20, step_size=0.2, early_stop=True), nulls=[])
@@ -66,9 +70,7 @@ def test_partners_are_other_images_of_the_same_class() -> None:
 
 
 def test_other_image_null_runs_on_the_partners_tangent_spaces() -> None:
-    torch.manual_seed(0)
-    models = Models(MLP(SHAPE, 3, hidden=(32,), dropout=0.0), MLPEncoder(SHAPE, 3, hidden=(16,)),
-                    MLPDecoder(3, SHAPE, hidden=(16,)))  # fmt: skip
+    models = _tiny_models()
     g = torch.Generator().manual_seed(1)
     x, y = torch.rand(24, *SHAPE, generator=g), torch.randint(0, 3, (24,), generator=g)
     measure = Decomposition(PGD(eps=2.0, steps=10, step_size=0.2, early_stop=True, clamp=False), nulls=["other"])

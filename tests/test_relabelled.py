@@ -6,16 +6,15 @@ from __future__ import annotations
 import ast
 import json
 import logging
-import os
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from cli_runs import fit, run
 
 from dmm.attacks import PGD
 from dmm.callbacks.shards import ShardWriter
-from dmm.cli import main
 from dmm.data import PredictSplits, RelabelledDataModule, SyntheticManifoldDataModule
 from dmm.errors import DmmError
 from dmm.models import Classifier, Relabeller, load_classifier
@@ -28,19 +27,6 @@ QUIET += ["--trainer.enable_model_summary", "false"]
 SHORT = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2"]
 ATTACK = PGD(eps=1.0, steps=3, targeted=True)
 PREDICT_STEP = Relabeller.predict_step
-
-
-def run(*args: str) -> None:
-    os.environ.pop("DMM_RUN_DIR", None)
-    main(list(args))
-    os.environ.pop("DMM_RUN_DIR", None)
-
-
-def fit(config: Path, root: Path, *args: str) -> Path:
-    """``dmm fit`` in a fresh folder under ``root``; returns its last checkpoint."""
-    run("fit", "--config", str(config), "--trainer.default_root_dir", str(root), *args)
-    (checkpoint,) = root.glob("*/checkpoints/last.ckpt")
-    return checkpoint
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import lightning as L
 import torch
+from jsonargparse import Namespace
 
 from dmm.errors import DmmError
 from dmm.models.autoencoder import Autoencoder
@@ -147,3 +148,40 @@ def _check_class(class_path: Any, cls: type, path: Path, kind: str, hint: str) -
     if not (isinstance(target, type) and issubclass(target, cls)):
         article = "an" if kind[0] in "aeiou" else "a"
         raise DmmError(f"{kind} checkpoint {path} holds a {class_path}, not {article} {kind}: {hint}")
+
+
+# --- checkpoint paths on the command line -----------------------------------------------------------
+
+CKPT_HINT = (
+    "pass a checkpoint file written by `dmm fit` (runs/<run>/checkpoints/best-*.ckpt, or last.ckpt to resume) "
+    "or its run folder runs/<run> for that run's best checkpoint"
+)
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    """The best checkpoint of a ``dmm fit`` run folder (``<run>/checkpoints/best-*.ckpt``)."""
+    folder = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
+    candidates = sorted(folder.glob("best-*.ckpt"))
+    if len(candidates) > 1 and (folder / "last.ckpt").is_file():  # save_top_k > 1: ask the run which is best
+        state = torch.load(folder / "last.ckpt", map_location="cpu", weights_only=True).get("callbacks", {})
+        best = {Path(s.get("best_model_path", "")).name for k, s in state.items() if k.startswith("ModelCheckpoint")}
+        candidates = [c for c in candidates if c.name in best] or candidates
+    if len(candidates) != 1:
+        found = ", ".join(c.name for c in candidates) or "no best-*.ckpt"
+        raise DmmError(f"--ckpt_path {run_dir}: a run folder must hold one best checkpoint, found {found}; {CKPT_HINT}")
+    return candidates[0]
+
+
+def check_ckpt_path(subcommand: str, config: Namespace) -> None:
+    """Refuse a checkpoint path Lightning would fail on deep inside a run; a run folder becomes its best file."""
+    path = config.get("ckpt_path")
+    if path is None or "://" in str(path):  # remote paths are Lightning's to check
+        return
+    if path in ("best", "last", "hpc", "registry"):
+        if subcommand == "fit" and path == "hpc":
+            return
+        raise DmmError(f"--ckpt_path {path} names a checkpoint of an earlier fit in this same process; {CKPT_HINT}")
+    if Path(path).is_dir():
+        config.ckpt_path = str(best_checkpoint(Path(path)))
+    elif not Path(path).is_file():
+        raise DmmError(f"--ckpt_path {path}: no such file; {CKPT_HINT}")
