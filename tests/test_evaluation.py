@@ -177,6 +177,23 @@ def test_grid_shows_num_grid_images(tmp_path: Path, train_synthetic_autoencoder)
     assert png.shape == matplotlib.image.imread(reference).shape
 
 
+def test_other_image_null_is_the_same_whatever_the_batch_size(tmp_path: Path, train_synthetic_autoencoder) -> None:
+    """The callback hands the whole subset to Decomposition.prepare: partners come from it, not from a batch."""
+    autoencoder = train_synthetic_autoencoder()
+    samples = []
+    for batch_size in (16, 5):
+        settings = evaluation(autoencoder, "--evaluation.measure.nulls=[other]", *DECOMPOSITION_SETTINGS,
+                              "--evaluation.checks=false", f"--evaluation.batch_size={batch_size}")  # fmt: skip
+        root = ["--trainer.default_root_dir", str(tmp_path / str(batch_size))]
+        folder = run("validate", *CLASSIFIER, *settings, *NO_LOGGER, *ONE_BATCH, *root)
+        (written,) = (folder / "decomposition").glob("val-epoch*-samples.pt")
+        samples.append(torch.load(written, weights_only=True))
+    assert samples[0]["other_same_class"].all()
+    for key in ("other_success", "other_off_success", "other_same_class"):
+        assert torch.equal(samples[0][key], samples[1][key]), key
+    assert torch.allclose(samples[0]["other_l2"], samples[1]["other_l2"], atol=1e-5)
+
+
 def test_measure_needing_an_autoencoder_is_off_without_one(tmp_path: Path) -> None:
     root = ["--trainer.default_root_dir", str(tmp_path)]
     fit = run("fit", *CLASSIFIER, *CSV, *ONE_BATCH, "--trainer.max_epochs=1", *root)  # the default Decomposition

@@ -15,7 +15,7 @@ from PIL import Image
 
 from dmm.errors import DmmError
 from dmm.io import atomic_write
-from dmm.report import load_run, main, markdown_table
+from dmm.report import load_run, main, markdown_table, seed_interval
 
 ARMS = ["full", "on", "off", "random", "random_off"]
 SETTINGS = {"eps": 2.0, "norm": "l2", "steps": 40, "step_size": None, "clamp": True, "early_stop": True}
@@ -178,6 +178,7 @@ def test_runs_of_one_experiment_give_seed_level_intervals(tmp_path: Path) -> Non
     report, markdown, _ = _report(*folders, other, out=tmp_path / "out")
     (group,) = report["seed_groups"]  # the eps = 1 run is another experiment
     assert group["runs"] == ["seed0", "seed1", "seed2"] and group["seeds"] == [0, 1, 2] and group["independent"]
+    assert group["design"] == "independent runs"  # no checkpoints recorded: nothing says the runs are crossed
     rates = [r["figures"]["attacks"]["full"]["success_rate"]["value"] for r in report["runs"][:3]]
     pooled = group["figures"]["full: success rate"]
     mean, half = statistics.fmean(rates), 4.302652729911275 * statistics.stdev(rates) / math.sqrt(3)  # t(0.975, 2)
@@ -188,6 +189,28 @@ def test_runs_of_one_experiment_give_seed_level_intervals(tmp_path: Path) -> Non
 
     report, markdown, _ = _report(folders[0], folders[0], out=tmp_path / "twice")
     assert not report["seed_groups"][0]["independent"] and "says nothing about seed variation" in markdown
+
+
+def test_crossed_classifiers_and_autoencoders_give_a_two_way_interval(tmp_path: Path) -> None:
+    folders = []
+    for c in range(2):
+        for a in range(2):
+            records = fake_records(60, seed=c)  # every figure but the on-fraction is the classifier's alone
+            records["on_fraction"] = fake_records(60, seed=10 + 2 * c + a)["on_fraction"]
+            folder = write_run(tmp_path / f"c{c}a{a}", records, seed=0, autoencoder=f"/ae{a}.ckpt")
+            (folder / "config.yaml").write_text(f"ckpt_path: /classifier{c}.ckpt\n")
+            folders.append(folder)
+    report, markdown, _ = _report(*folders, out=tmp_path / "out")
+    (group,) = report["seed_groups"]
+    assert group["design"] == "crossed" and (group["classifiers"], group["autoencoders"]) == (2, 2)
+    rates = [r["figures"]["attacks"]["random"]["success_rate"]["value"] for r in report["runs"]]
+    assert rates[0] == rates[1] != rates[2] == rates[3]  # a random subspace does not see the autoencoder
+    pooled, one_way = group["figures"]["random: success rate"], seed_interval(rates[::2])  # over the classifiers
+    assert pooled["value"] == pytest.approx(one_way["value"]) and pooled["ci"] == pytest.approx(one_way["ci"])
+    assert pooled["df"] == pytest.approx(1) and pooled["per_run"] == rates
+    assert 1 <= group["figures"]["on-fraction mean"]["df"] <= 2  # both factors vary: Satterthwaite df
+    assert "2 classifiers x 2 autoencoders, crossed: two-way random-effects interval" in markdown
+    assert "| figure | mean over runs [95 % t-interval] | df | per run |" in markdown
 
 
 def test_checks_can_fail(tmp_path: Path) -> None:

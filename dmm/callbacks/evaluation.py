@@ -142,6 +142,8 @@ class Evaluation(L.Callback):
         device = pl_module.device
         autoencoder = self.autoencoder.to(device) if self.autoencoder is not None else None
         models = Models(pl_module, *((autoencoder.encoder, autoencoder.decoder) if autoencoder else ()))
+        if self.measure.needs_subset:  # the whole subset, the same on every process
+            self.measure.prepare(*(fixed_subset(dataset, self.num_images, self.seed)[i] for i in (0, 1, 3)))
         # On the first images of the whole subset, the same on every process.
         checks = self._checks(pl_module, *fixed_subset(dataset, min(self.num_images, CHECK_IMAGES), self.seed)[:2])
 

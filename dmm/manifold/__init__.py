@@ -5,10 +5,12 @@ tangent        decoder Jacobians by batched forward mode; orthonormal tangent ba
 subspace       :class:`Subspace`: split d = d_in + d_out for per-sample bases, and the attacks' projector
 matrix_free    :class:`MatrixFreeTangent`: the same without the Jacobian (CGLS), for ImageNet-sized decoders
 random         the null models: random k-dim subspaces, anywhere or on an image's own pixels
+projection     :func:`project_to_manifold`: the latent whose decoding is nearest an image (Levenberg–Marquardt)
 =============  ===========================================================================================
 """
 
 from dmm.manifold.matrix_free import MatrixFreeTangent, ProjectionSolve, project_tangent
+from dmm.manifold.projection import project_to_manifold
 from dmm.manifold.random import (
     active_pixels,
     random_basis,
@@ -39,6 +41,7 @@ __all__ = [
     "on_fraction",
     "orthonormalize",
     "principal_angles",
+    "project_to_manifold",
     "project_tangent",
     "random_basis",
     "random_fraction_mean",

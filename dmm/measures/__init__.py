@@ -7,6 +7,7 @@ decomposition  the DMM decomposition: attacks per arm (tangent, complement, rand
 detection      off-manifold detection with its equal-norm noise control, and project-then-classify
 geometry       input-gradient alignment and boundary distances along and across the tangent space
 robustness     fixed-budget robust accuracy (APGD-CE/DLR via adv-lib, or PGD), convergence, FMN distances
+smoothness     attack-free on/off-manifold robustness: softmax change under random tangent/normal noise
 adaptive       adaptive attacks on project-then-classify (BPDA, latent, transfer) and on the detector
 checks         model checks before any attack (logits, determinism, vanishing gradients, FGM vs PGD)
 statistics     censored medians, survival curves, paired ratios, Wilson intervals, rank AUROC
@@ -21,6 +22,7 @@ from dmm.measures.detection import Detection, ProjectThenClassify
 from dmm.measures.geometry import Geometry
 from dmm.measures.ptc_attacks import BPDA, EvasivePGD, LatentPGD
 from dmm.measures.robustness import Robustness
+from dmm.measures.smoothness import ManifoldSmoothness
 
 __all__ = [
     "AdaptivePTC",
@@ -32,6 +34,7 @@ __all__ = [
     "Decomposition",
     "Detection",
     "Geometry",
+    "ManifoldSmoothness",
     "Measure",
     "Models",
     "ProjectThenClassify",

@@ -65,6 +65,15 @@ class Measure:
     needs_manifold: ClassVar[bool] = True
     image_columns: ClassVar[tuple[str, ...]] = ()
 
+    @property
+    def needs_subset(self) -> bool:
+        """Whether :meth:`prepare` must see the whole image subset before the first batch."""
+        return False
+
+    def prepare(self, x: Tensor, y: Tensor, index: Tensor) -> None:
+        """Sees the whole subset (N, C, H, W), labels (N,) and dataset indices (N,) before any batch, on every
+        process, when :attr:`needs_subset`; records must still not depend on how the subset is batched."""
+
     def settings(self) -> dict:
         """Everything the records depend on besides models and images (JSON-able): cache key and provenance."""
         raise NotImplementedError

@@ -14,14 +14,19 @@ For images x with labels y, a classifier f and an autoencoder's encoder E and de
    the random subspace's (about sqrt(k / n)), and whether x + d_on or x + d_off alone fools f;
 4. each restricted arm's leak: the fraction of its perturbation's norm outside its subspace (with
    ``clamp=True`` the [0, 1] clamp moves part of it out; ``clamp="exact"`` keeps it at rounding level);
-5. the distance of each image from the manifold model, ||x − D(E(x))||: the tangent is taken at D(E(x));
+5. the distance of each image from the manifold model, ||x − D(E(x))||: the tangent is taken at D(E(x)), or,
+   with ``latent_steps``, at D(z*) for z* refined from E(x) towards the manifold point nearest x
+   (:func:`dmm.manifold.project_to_manifold`);
 6. whether the parts alone fool f, and each part's share of the margin change, for the early-stopped d
    (its first iterate past the boundary, which removing any part tends to un-cross) and for a perturbation
-   run to the full budget without early stopping (``full_budget_parts``), where the parts have room to act.
+   run to the full budget without early stopping (``full_budget_parts``), where the parts have room to act;
+   with the random null, the same for d's parts in the random subspace and its complement: the shares the
+   tangent's parts must beat.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from typing import Literal
@@ -35,6 +40,7 @@ from dmm.manifold import (
     MatrixFreeTangent,
     Subspace,
     active_pixels,
+    project_to_manifold,
     random_basis,
     random_subspace_fraction,
     support_basis,
@@ -55,12 +61,11 @@ PAIRS = (("on", "full"), ("off", "full"), ("random", "full"), ("random_off", "fu
 
 
 def partners(y: Tensor) -> tuple[Tensor, Tensor]:
-    """For each image of a batch, another image of the same class: the next one in batch order, cyclically.
+    """For each image, another image of the same class: the next one in order, cyclically.
 
-    Returns (partner (B,) int64, same_class (B,) bool); an image alone in its class in the batch gets the next
-    image of any class (``same_class`` False; with batches of hundreds of images it does not happen). The
-    choice depends on the batch, so the ``other`` arm's records, unlike the others', depend on batch size and
-    process count.
+    Returns (partner (B,) int64, same_class (B,) bool); an image alone in its class gets the next image of any
+    class (``same_class`` False). :meth:`Decomposition.prepare` applies it to the whole evaluated subset, so
+    an image's partner does not depend on its batch or process.
     """
     batch = len(y)
     partner = (torch.arange(batch, device=y.device) + 1) % max(batch, 1)
@@ -110,6 +115,11 @@ class Decomposition(Measure):
         support_dilation: the support grows by this many pixels around the strokes.
         full_budget_parts: also run the unconstrained attack to its full budget (no early stop) and record
             whether its on- and off-manifold parts alone fool f and their shares of its margin change.
+        latent_steps: Levenberg–Marquardt steps refining E(x) towards the latent whose decoding is nearest x
+            before the tangent space is taken (0: the tangent at D(E(x))).
+
+    With the ``other`` null, call :meth:`prepare` with the whole image subset before measuring (the evaluation
+    callback does): partners come from the subset, not the batch.
     """
 
     name = "decomposition"
@@ -123,6 +133,7 @@ class Decomposition(Measure):
         support_threshold: float = 0.1,
         support_dilation: int = 1,
         full_budget_parts: bool = True,
+        latent_steps: int = 0,
     ) -> None:
         unknown = sorted(set(nulls) - {"random", "support", "other"})
         if unknown:
@@ -133,13 +144,38 @@ class Decomposition(Measure):
             raise DmmError(f"decomposition eps_curve must hold finite numbers >= 0, got {list(eps_curve)}")
         if support_dilation < 0:
             raise DmmError(f"decomposition support_dilation must be >= 0, got {support_dilation}")
+        if isinstance(latent_steps, bool) or not isinstance(latent_steps, int) or latent_steps < 0:
+            raise DmmError(f"decomposition latent_steps must be an integer >= 0, got {latent_steps!r}")
         self.attack = attack
         chosen = {"full"} | ({"on", "off"} if attack.norm == "l2" else set())
         chosen |= {arm for null in nulls for arm in (null, f"{null}_off")}
         self.arms = tuple(a for a in ARMS if a in chosen)  # canonical order
         self.eps_curve = sorted(float(e) for e in eps_curve)
         self.support_threshold, self.support_dilation = support_threshold, support_dilation
-        self.full_budget_parts = full_budget_parts
+        self.full_budget_parts, self.latent_steps = full_budget_parts, latent_steps
+        self._partners: dict[int, tuple[Tensor, bool]] | None = None
+        self._pool = ""
+
+    @property
+    def needs_subset(self) -> bool:
+        return "other" in self.arms
+
+    def prepare(self, x: Tensor, y: Tensor, index: Tensor) -> None:
+        """Pick each image's partner for the ``other`` null from the whole subset x (N, C, H, W), labels y (N,),
+        dataset indices (N,): the next image of its class in subset order (see :func:`partners`)."""
+        partner, same = partners(y)
+        self._partners = {int(i): (x[int(p)].cpu(), bool(s)) for i, p, s in zip(index, partner, same, strict=True)}
+        self._pool = hashlib.sha256(index.cpu().numpy().tobytes()).hexdigest()[:16]
+
+    def _partner_images(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        if self._partners is None:
+            raise DmmError("the other-image null needs Decomposition.prepare(x, y, index) with the whole subset")
+        missing = [int(i) for i in batch.index if int(i) not in self._partners]
+        if missing:
+            raise DmmError(f"images {missing[:5]} were not in the subset given to Decomposition.prepare")
+        pairs = [self._partners[int(i)] for i in batch.index]
+        images = torch.stack([p for p, _ in pairs]).to(device=batch.x.device, dtype=batch.x.dtype)
+        return images, torch.tensor([s for _, s in pairs], device=batch.x.device)
 
     def settings(self) -> dict:
         return {
@@ -149,13 +185,20 @@ class Decomposition(Measure):
             "support_threshold": self.support_threshold,
             "support_dilation": self.support_dilation,
             "full_budget_parts": self.full_budget_parts,
+            **({"latent_steps": self.latent_steps} if self.latent_steps else {}),
+            **({"other_pool": self._pool} if self.needs_subset else {}),
         }
+
+    def latents(self, models: Models, x: Tensor) -> Tensor:
+        """The latents (B, k) at which tangents are taken: E(x), refined by ``latent_steps``."""
+        with torch.no_grad():
+            z = models.encoder(x)
+        return project_to_manifold(models.decoder, x, z, self.latent_steps)[0] if self.latent_steps else z
 
     def subspaces(self, models: Models, batch: Batch) -> tuple[dict, Tensor, Tensor, Tensor | None]:
         """The projector of every arm, the tangent's condition numbers, the latents and a random basis."""
         x = batch.x
-        with torch.no_grad():
-            z = models.encoder(x)
+        z = self.latents(models, x)
         tangent, condition = tangent_subspace(models.decoder, z, x[0].numel())
         spaces: dict = {"full": None, "on": tangent, "off": tangent.complement()}
         random = None
@@ -173,8 +216,8 @@ class Decomposition(Measure):
                 spaces["support"] = Subspace(support_basis(mask, k, generator=batch.generators, dtype=x.dtype))
                 spaces["support_off"] = spaces["support"].complement()
             if {"other", "other_off"} & set(self.arms):
-                partner, _ = partners(batch.y)
-                spaces["other"] = Subspace(tangent.basis[partner])
+                partner_z = self.latents(models, self._partner_images(batch)[0])
+                spaces["other"] = Subspace(tangent_subspace(models.decoder, partner_z, x[0].numel())[0].basis)
                 spaces["other_off"] = spaces["other"].complement()
         return spaces, condition, z, random
 
@@ -182,7 +225,9 @@ class Decomposition(Measure):
         """Per-image records (B,): ``correct``; per arm a: ``{a}_success``, ``{a}_l2``, ``{a}_linf`` (norms of
         x_adv − x) and, restricted arms, ``leak_{a}``; ``on_fraction`` and ``random_fraction`` of the
         unconstrained d; ``on_part_fools`` / ``off_part_fools``; ``tangent_condition`` (NaN when matrix-free);
-        ``recon_error`` ||x − D(E(x))||; ``_images`` (B, 5, C, H, W): x, x_adv, d, d_on, d_off."""
+        ``recon_error`` ||x − D(z)|| at the tangent's latent (and ``recon_error_encoder`` at E(x) when
+        ``latent_steps``); with the random null, ``random_part_fools`` / ``random_off_part_fools`` and their
+        margin shares; ``_images`` (B, 5, C, H, W): x, x_adv, d, d_on, d_off."""
         f, x, y = models.classifier, batch.x, batch.y
         with torch.no_grad():
             correct = f(x).argmax(dim=1) == y
@@ -190,6 +235,9 @@ class Decomposition(Measure):
         with torch.no_grad():
             recon_error = norms(x - models.decoder(z))
         out: dict[str, Tensor] = {"correct": correct, "tangent_condition": condition}
+        if self.latent_steps:
+            with torch.no_grad():
+                out["recon_error_encoder"] = norms(x - models.decoder(models.encoder(x)))
         perturbations = {}
         for arm in self.arms:
             d = self.attack(f, x, y, project=spaces[arm]) - x
@@ -208,24 +256,32 @@ class Decomposition(Measure):
         else:
             out["on_fraction"] = tangent.fraction(d)
             out["random_fraction"] = spaces["random"].fraction(d)
-        out["on_part_fools"] = fools(f, (x + d_on).clamp(0, 1), y) & correct
-        out["off_part_fools"] = fools(f, (x + d_off).clamp(0, 1), y) & correct
-        out["on_margin_share"], out["off_margin_share"] = margin_shares(f, x, y, d_on, d_off)
+        splits = {("on", "off"): tangent} | ({("random", "random_off"): spaces["random"]} if "random" in spaces else {})
+        self._parts(out, "", f, x, y, d, correct, splits)
         if self.full_budget_parts:
             budget = self.attack.replace(early_stop=False)(f, x, y) - x
-            b_on, b_off = tangent.split(budget)
             out["budget_fools"] = fools(f, x + budget, y) & correct
-            out["budget_on_fraction"] = fraction(b_on, budget)
-            out["budget_on_part_fools"] = fools(f, (x + b_on).clamp(0, 1), y) & correct
-            out["budget_off_part_fools"] = fools(f, (x + b_off).clamp(0, 1), y) & correct
-            out["budget_on_margin_share"], out["budget_off_margin_share"] = margin_shares(f, x, y, b_on, b_off)
+            out["budget_on_fraction"] = fraction(tangent.split(budget)[0], budget)
+            self._parts(out, "budget_", f, x, y, budget, correct, splits)
         for arm in self.arms[1:]:
             out[f"leak_{arm}"] = fraction(spaces[arm].split(perturbations[arm])[1], perturbations[arm])
         out["recon_error"] = recon_error
         if "other" in self.arms:
-            out["other_same_class"] = partners(y)[1]
+            out["other_same_class"] = self._partner_images(batch)[1]
         out["_images"] = torch.stack([x, x + d, d, d_on, d_off], dim=1)
         return out
+
+    @staticmethod
+    def _parts(out: dict, prefix: str, f, x: Tensor, y: Tensor, d: Tensor, correct: Tensor, splits: dict) -> None:
+        """For each (inside, outside) name pair of ``splits`` and its subspace: whether d's part in it and the
+        rest alone fool f (clamped to the box), ``{prefix}{name}_part_fools``, and their shares of the margin
+        drop, ``{prefix}{name}_margin_share``."""
+        for (inside, outside), space in splits.items():
+            parts = dict(zip((inside, outside), space.split(d), strict=True))
+            for name, part in parts.items():
+                out[f"{prefix}{name}_part_fools"] = fools(f, (x + part).clamp(0, 1), y) & correct
+            shares = margin_shares(f, x, y, parts[inside], parts[outside])
+            out[f"{prefix}{inside}_margin_share"], out[f"{prefix}{outside}_margin_share"] = shares
 
     @staticmethod
     def _warn_unconverged(tangent: MatrixFreeTangent, count: int) -> None:
@@ -267,25 +323,33 @@ class Decomposition(Measure):
         # Fractions of the unconstrained d over its successes; leaks over the images that were attacked.
         subsets = {"on_fraction": ok, "random_fraction": ok}
         keys = ["on_fraction", "random_fraction", *(f"leak_{a}" for a in arms[1:]), "tangent_condition"]
-        keys += ["recon_error"] if "recon_error" in records else []
+        keys += [key for key in ("recon_error", "recon_error_encoder") if key in records]
         for key in keys:
             values = records[key][subsets.get(key, correct if key.startswith("leak") else torch.ones_like(ok))]
             s[f"{key}_mean"] = values.mean().item() if values.numel() else math.nan
             s[f"{key}_median"] = values.median().item() if values.numel() else math.nan
-        for key in ("on_part_fools", "off_part_fools"):
-            s[f"{key}_rate"] = records[key][ok].float().mean().item() if ok.any() else math.nan
-        for key in ("on_margin_share", "off_margin_share"):
-            if key in records:
-                s[f"{key}_median"] = records[key][ok].median().item() if ok.any() else math.nan
+        parts = [p for p in ("on", "off", "random", "random_off") if f"{p}_part_fools" in records]
+        self._summarize_parts(s, records, "", ok, parts)
         if "budget_fools" in records:  # over the images the full-budget attack fooled
             hit = records["budget_fools"]
             s["budget/success_rate"] = (hit.sum() / correct.sum().clamp_min(1)).item()
-            for key in ("on_part_fools", "off_part_fools"):
-                s[f"budget/{key}_rate"] = records[f"budget_{key}"][hit].float().mean().item() if hit.any() else math.nan
-            for key in ("on_fraction", "on_margin_share", "off_margin_share"):
-                s[f"budget/{key}_median"] = records[f"budget_{key}"][hit].median().item() if hit.any() else math.nan
+            s["budget/on_fraction_median"] = (
+                records["budget_on_fraction"][hit].median().item() if hit.any() else math.nan
+            )
+            self._summarize_parts(s, records, "budget_", hit, parts)
         needed = records[f"full_{self.attack.norm}"]
         for eps in self.eps_curve:
             fooled = ok & (needed <= eps + 1e-6)
             s[f"robust_acc@{eps:g}"] = (correct & ~fooled).float().mean().item()
         return s
+
+    @staticmethod
+    def _summarize_parts(s: dict, records: dict, prefix: str, among: Tensor, parts: list[str]) -> None:
+        """Rates of the parts fooling alone and median margin shares over ``among`` (``budget/`` for the
+        full-budget perturbation)."""
+        label = "budget/" if prefix else ""
+        for part in parts:
+            fooled, share = records[f"{prefix}{part}_part_fools"], records.get(f"{prefix}{part}_margin_share")
+            s[f"{label}{part}_part_fools_rate"] = fooled[among].float().mean().item() if among.any() else math.nan
+            if share is not None:
+                s[f"{label}{part}_margin_share_median"] = share[among].median().item() if among.any() else math.nan

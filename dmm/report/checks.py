@@ -49,7 +49,7 @@ def recomputed_summary(fig: dict) -> dict[str, float]:
         ours[f"{a}/l2_mean"] = f["own_successes"]["l2_mean"]["value"]
     ours |= {key: e["value"] for key, e in fig["fractions"].items() if key != "on_minus_random_mean"}
     ours |= {f"leak_{key}": e["value"] for key, e in fig["leak"].items()}
-    ours |= {f"{p}_part_fools_rate": e["value"] for p, e in fig["part_fools"].items()}
+    ours |= {f"{p}_part_fools_rate": e["value"] for p, e in fig["part_fools"].items() if "budget" not in p}
     return ours
 
 

@@ -85,6 +85,28 @@ def robust_accuracy(run: Run) -> tuple[list[dict], list[float]]:
     return curve, sorted(e for e in curve_eps if e > top + 1e-9)
 
 
+PARTS = ("on", "off", "random", "random_off")
+"""The parts of d whose effect alone is recorded: in the tangent space, its complement, and the random null's."""
+
+
+def parts(r: dict, correct, full_ok, idx) -> dict:
+    """Whether each part of d alone fools (Wilson) and its median share of the margin drop (bootstrap), for the
+    early-stopped d (over its successes) and, ``budget_`` prefixed, the full-budget one (over its successes);
+    the distances to the manifold model at the tangent's foot point (and at D(E(x)) when it was refined)."""
+    out: dict = {"part_fools": {}, "margin_share": {}, "recon_error": {}}
+    budget_ok = r["budget_fools"].bool() & correct if "budget_fools" in r else None
+    for prefix, among in (("", full_ok), ("budget_", budget_ok)):
+        for p in PARTS:
+            if among is not None and f"{prefix}{p}_part_fools" in r:
+                out["part_fools"][prefix + p] = _wilson(r[f"{prefix}{p}_part_fools"].bool(), among)
+            if among is not None and f"{prefix}{p}_margin_share" in r:
+                out["margin_share"][prefix + p] = bootstrap(masked_median, [r[f"{prefix}{p}_margin_share"], among], idx)
+    for key in ("recon_error", "recon_error_encoder"):
+        if key in r:
+            out["recon_error"][key] = bootstrap(masked_median, [r[key], correct], idx)
+    return out
+
+
 def run_figures(run: Run, resamples: int, seed: int) -> dict:
     """Every figure of one run; estimates are ``{"value", "ci", ...}`` dicts (see the module docstring)."""
     r = run.records
@@ -115,9 +137,7 @@ def run_figures(run: Run, resamples: int, seed: int) -> dict:
         "sqrt_k_over_n": math.sqrt(k / n),
         "random_expectation": random_subspace_expectation(k, n),
         # Optional records: shown when the run saved them.
-        "part_fools": {
-            p: _wilson(r[f"{p}_part_fools"].bool(), full_ok) for p in ("on", "off") if f"{p}_part_fools" in r
-        },
+        **parts(r, correct, full_ok, idx),
         "leak": {
             f"{p}_{stat}": bootstrap(fn, [r[f"leak_{p}"], correct], idx)
             for p in ("on", "off")

@@ -6,6 +6,8 @@ it is null with its ``above_eps`` flag), so the tables can be rebuilt from the J
 
 from __future__ import annotations
 
+import math
+
 from dmm.report.run_section import run_section
 from dmm.report.runs import arm_label
 from dmm.report.text import censored, estimate, number, ratio_text, table
@@ -79,8 +81,15 @@ def seed_table(report: dict) -> list[str]:
     out = []
     for i, g in enumerate(report["seed_groups"], 1):
         seeds = ", ".join("n/a" if s is None else str(s) for s in g["seeds"])
+        if g.get("design") == "crossed":
+            design = (
+                f"{g['classifiers']} classifiers x {g['autoencoders']} autoencoders, crossed: two-way "
+                "random-effects interval, conservative variance (MS_C + MS_A)/(CA), Satterthwaite df"
+            )
+        else:
+            design = "independent runs: Student-t interval over runs, m - 1 df"
         out += [
-            f"**Group {i}**: {len(g['runs'])} runs ({', '.join(g['runs'])}; image-subset seeds {seeds}).",
+            f"**Group {i}**: {len(g['runs'])} runs ({', '.join(g['runs'])}; image-subset seeds {seeds}); {design}.",
             "",
         ]
         if not g["independent"]:
@@ -95,8 +104,9 @@ def seed_table(report: dict) -> list[str]:
                 mean = f"n/a ({f['undefined']} of {f['runs']} runs undefined or > eps)"
             else:
                 mean = estimate(f)
-            rows.append([name, mean, per_run])
-        out += table(["figure", f"mean over runs [{level} t-interval]", "per run"], rows) + [""]
+            df = f.get("df")
+            rows.append([name, mean, "n/a" if df is None or math.isnan(df) else f"{df:.1f}", per_run])
+        out += table(["figure", f"mean over runs [{level} t-interval]", "df", "per run"], rows) + [""]
     return out
 
 
@@ -109,7 +119,7 @@ def render_markdown(report: dict) -> str:
         f"Stage `{report['stage']}`; {runs} run{'s' if runs != 1 else ''} entered this report. "
         f"{report['level']:.0%} intervals: Wilson score intervals for rates; {b['method']}, {b['resamples']} "
         f"resamples, seed {b['seed']}, for medians, means and ratios; a Student-t interval over runs for "
-        "seed-level figures.",
+        "seed-level figures (two-way random effects where classifiers and autoencoders are crossed).",
         "",
         markdown_table(report),
         "",

@@ -84,12 +84,7 @@ def _fractions(e: dict) -> list[str]:
         ],
     )
     out += [""]
-    if {"on", "off"} <= fig["part_fools"].keys():
-        out += [
-            f"The on-manifold part alone fools {estimate(fig['part_fools']['on'], True)} and the off-manifold part "
-            f"alone {estimate(fig['part_fools']['off'], True)} of the images the unconstrained attack fooled.",
-            "",
-        ]
+    out += _parts(fig)
     if not e["settings"]["clamp"]:
         out += ["No clamping: the constrained attacks stay exactly in their subspaces (no leak).", ""]
     elif {"on_mean", "off_mean"} <= fig["leak"].keys():
@@ -101,6 +96,30 @@ def _fractions(e: dict) -> list[str]:
             f"{estimate(lk['off_median'])}).",
             "",
         ]
+    return out
+
+
+def _parts(fig: dict) -> list[str]:
+    """Each part of d alone, early-stopped and full-budget, next to the random null's parts."""
+    fools, shares = fig.get("part_fools", {}), fig.get("margin_share", {})
+    rows = []
+    for prefix, label in (("", "early-stopped d"), ("budget_", "full-budget d")):
+        for part, name in (("on", "tangent part"), ("off", "its complement"), ("random", "random k-dim part"),
+                           ("random_off", "its complement")):  # fmt: skip
+            key = prefix + part
+            if key in fools:
+                share = estimate(shares[key]) if key in shares else ""
+                rows.append([f"{label}: {name}", estimate(fools[key], True), share])
+    out = []
+    if rows:
+        out += table(["part of d (alone, clamped)", "fools", "median share of the margin drop"], rows) + [""]
+    recon = fig.get("recon_error", {})
+    if "recon_error_encoder" in recon:
+        at_encoder, refined = estimate(recon["recon_error_encoder"]), estimate(recon["recon_error"])
+        out += [f"Distance to the manifold model (median): {at_encoder} at D(E(x)), {refined} at the refined foot "
+                "point where the tangents were taken.", ""]  # fmt: skip
+    elif "recon_error" in recon:
+        out += [f"Distance to the manifold model ||x - D(E(x))|| (median): {estimate(recon['recon_error'])}.", ""]
     return out
 
 
