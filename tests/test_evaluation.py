@@ -123,7 +123,7 @@ def test_decomposition_through_fit_validate_and_test(tmp_path: Path, train_synth
     checks = results[test]["model_checks"]
     assert [c["name"] for c in checks] == [
         "model outputs logits, not probabilities", "model is deterministic", "input gradients are not vanishing",
-        "iterative attack beats a one-step attack"]  # fmt: skip
+        "iterative attack beats a one-step attack", "white-box attack beats random noise"]  # fmt: skip
     assert all(c["status"] in ("PASS", "WARN") and c["detail"] for c in checks)
     assert checks[0]["status"] == checks[1]["status"] == "PASS"
     assert results[validate]["model_checks"] == []
@@ -153,7 +153,7 @@ def test_detection_measure_through_its_config(tmp_path: Path, train_synthetic_au
     same_figures(metrics(test), summary, "test/detection")
     samples = torch.load(test / "detection" / "test-epoch0-samples.pt", weights_only=True)
     assert torch.equal(samples["index"], seeded_subset("test", NUM_IMAGES)[0])
-    assert len(result["model_checks"]) == 4
+    assert len(result["model_checks"]) == 5
 
 
 def test_detection_config_attack_is_the_one_it_names(capsys) -> None:

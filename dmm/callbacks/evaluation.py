@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 CHECK_IMAGES = 64
 """Images of the subset the model checks run on (they attack them once more, with FGM and the measure's attack)."""
+EXACT_MANIFOLD = "data"
+"""``autoencoder`` value that takes the manifold from the data module's ``exact_manifold()``."""
 
 
 def finite_or_none(value):
@@ -62,6 +64,16 @@ def fixed_subset(
     return x, y, valid, index
 
 
+def exact_manifold(trainer: L.Trainer):
+    """The data module's known manifold (an autoencoder's ``encoder``, ``decoder``, ``latent_dim``, ``input_shape``)."""
+    exact = getattr(trainer.datamodule, "exact_manifold", None)
+    if exact is None:
+        raise DmmError(
+            "--evaluation.autoencoder data needs a data module with a known manifold, e.g. KnownManifoldDataModule"
+        )
+    return exact()
+
+
 class Evaluation(L.Callback):
     """Run ``measure`` at validation and test on a fixed seeded subset of the stage's dataset.
 
@@ -75,8 +87,10 @@ class Evaluation(L.Callback):
 
     Args:
         measure: what to measure, e.g. ``Decomposition`` (default) or ``Detection`` (YAML: ``class_path``).
-        autoencoder: a ``dmm fit`` autoencoder checkpoint (the manifold model); ``None`` turns off measures
-            that need one (the CLI always registers this callback, so its keys stay short).
+        autoencoder: a ``dmm fit`` autoencoder checkpoint (the manifold model); ``"data"``: the data module's
+            exact manifold (its ``exact_manifold()``, e.g. :class:`~dmm.data.KnownManifoldDataModule`'s generator
+            and its exact inverse) instead of a learned one; ``None`` turns off measures that need one (the CLI
+            always registers this callback, so its keys stay short).
         num_images: size of the fixed subset.
         batch_size: images measured at once.
         seed: seeds the subset and each image's random draws (by dataset index).
@@ -121,6 +135,9 @@ class Evaluation(L.Callback):
             if self.measure.needs_manifold and stage != "fit" and type(self.measure) is not Decomposition:
                 rank_zero_warn(f"{type(self.measure).__name__} is off: no autoencoder checkpoint given")
             return
+        if self.autoencoder_path == EXACT_MANIFOLD:
+            self.autoencoder = exact_manifold(trainer)
+            return
         shape = getattr(pl_module, "hparams", {}).get("input_shape")
         self.autoencoder = load_autoencoder(self.autoencoder_path, shape)
 
@@ -159,7 +176,8 @@ class Evaluation(L.Callback):
         settings["num_grid"] = self.num_grid
         weights = {"classifier": pl_module, **({"autoencoder": autoencoder} if autoencoder else {})}
         # Beside the autoencoder by default: every classifier evaluated against it shares one cache folder.
-        near = Path(self.autoencoder_path).parent if self.autoencoder_path else Path(trainer.default_root_dir)
+        exact = self.autoencoder_path in (None, EXACT_MANIFOLD)  # no checkpoint to share a folder with: the run's
+        near = Path(trainer.default_root_dir) if exact else Path(self.autoencoder_path).parent
         cache = evaluation_cache(trainer, f"{name}-{stage}", self.cache_dir, near / "cache", weights, settings)
         batches = list(cached_batches(trainer, f"{name} {stage}", cache, (index, x, y), self.batch_size, compute))
         local = {key: torch.cat([b[key].to(device) for b in batches]) for key in batches[0]}

@@ -1,8 +1,9 @@
-"""Lightning data modules: MNIST-style, CIFAR-10 and ImageNet images, a synthetic manifold with known tangents,
-relabelled adversarial examples, and train/val splits for ``dmm predict``."""
+"""Lightning data modules: MNIST-style, CIFAR-10 and ImageNet images, synthetic manifolds with known tangents
+(16x16 toy and MNIST-sized), relabelled adversarial examples, and train/val splits for ``dmm predict``."""
 
 from dmm.data.cifar10 import CIFAR10DataModule
 from dmm.data.imagenet import ImageNetDataModule
+from dmm.data.known_manifold import KnownManifoldDataModule
 from dmm.data.mnist import FashionMNISTDataModule, MNISTDataModule
 from dmm.data.relabelled import RelabelledDataModule
 from dmm.data.splits import PredictSplits
@@ -12,6 +13,7 @@ __all__ = [
     "CIFAR10DataModule",
     "FashionMNISTDataModule",
     "ImageNetDataModule",
+    "KnownManifoldDataModule",
     "MNISTDataModule",
     "ManifoldGenerator",
     "PredictSplits",

@@ -6,9 +6,11 @@ subspace       :class:`Subspace`: split d = d_in + d_out for per-sample bases, a
 matrix_free    :class:`MatrixFreeTangent`: the same without the Jacobian (CGLS), for ImageNet-sized decoders
 random         the null models: random k-dim subspaces, anywhere or on an image's own pixels
 projection     :func:`project_to_manifold`: the latent whose decoding is nearest an image (Levenberg–Marquardt)
+exact          :class:`ExactManifold`: a generator and its exact inverse on its own images, as an autoencoder
 =============  ===========================================================================================
 """
 
+from dmm.manifold.exact import ExactEncoder, ExactManifold
 from dmm.manifold.matrix_free import MatrixFreeTangent, ProjectionSolve, project_tangent
 from dmm.manifold.projection import project_to_manifold
 from dmm.manifold.random import (
@@ -31,6 +33,8 @@ from dmm.manifold.tangent import (
 
 __all__ = [
     "DENSE_LIMIT",
+    "ExactEncoder",
+    "ExactManifold",
     "MatrixFreeTangent",
     "ProjectionSolve",
     "Subspace",

@@ -85,8 +85,9 @@ def build_report(folders: list[str | Path], *, stage: str = "test", resamples: i
             "method": "percentile bootstrap over images, one index tensor per run (paired figures resampled together)",
         },
         "rates": "Wilson score interval",
-        "seed_level": "mean over runs of one experiment; crossed classifier x autoencoder seeds: two-way random-effects "
-        "interval, conservative variance (MS_C + MS_A)/(CA), Satterthwaite df; other groups: Student-t, m - 1 df",
+        "seed_level": "mean over runs of one experiment; crossed classifier x autoencoder seeds: two-way "
+        "random-effects interval, variance (MS_C + MS_A)/(CA) (conservative), Satterthwaite df; other groups: "
+        "Student-t, m - 1 df",
         "reference": PUBLIC_REPLICATION,
         "runs": entries,
         "seed_groups": seed_groups(entries),

@@ -98,6 +98,9 @@ def autoencoder_facts(run: Run) -> dict:
         "mse": None,
         "mse_source": "n/a (autoencoder checkpoint not found)",
     }
+    if run.payload.get("autoencoder") == "data":  # --evaluation.autoencoder data: no checkpoint, no learned model
+        exact = {"class": "exact (data module)", "encoder": "ExactEncoder", "decoder": "the data's generator"}
+        return facts | exact | {"mse_source": "n/a (exact manifold of the data module)"}
     if path is None:
         return facts
     try:

@@ -1,0 +1,214 @@
+"""MNIST-sized images on a manifold known exactly: the ground truth a learned autoencoder's tangents are judged by."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+from dmm.data.loading import tensor_loader
+from dmm.data.synthetic import SPLITS, ManifoldGenerator, _rng
+from dmm.errors import DmmError
+from dmm.io import atomic_write
+from dmm.manifold import ExactEncoder, ExactManifold, tangent_basis
+
+CHUNK = 4096
+"""Samples generated at once, one cache file each. Each chunk draws its own pixel noise, so with noise this is
+part of the data's identity; the latents and labels do not depend on it."""
+FORMAT = 1
+"""Version of the generation recipe, part of the cache folder's name: bump it when the images change."""
+
+
+class KnownManifoldDataModule(L.LightningDataModule):
+    """Images x = G(z), z ~ N(0, I_k), of a fixed smooth generator G: a k-manifold in pixel space, known exactly.
+
+    G is a seeded random :class:`~dmm.data.ManifoldGenerator`, ``z -> sigmoid(W2 tanh(W1 z + b1) + b2)``, at
+    MNIST's size by default. The class of a sample is ``argmax(V z)``, V (C, k) the first C rows of a seeded
+    random orthogonal matrix: V z ~ N(0, I_C), so the C classes are equally likely, and a linear probe on z is
+    perfect by construction. Batches are ``(x, y)``: ``x`` float32 ``(B, 1, H, W)`` in [0, 1], ``y`` int64
+    ``(B,)``. After ``setup``, ``latents[split]`` holds the (N, k) latents in order, :meth:`tangent` the exact
+    tangent bases and :meth:`exact_manifold` G with its exact inverse, for ``--evaluation.autoencoder data``.
+    Everything is drawn from ``seed``, the same whatever the stage.
+
+    Args:
+        latent_dim: k, the manifold's dimension.
+        image_size: H = W of the single-channel images.
+        hidden_dim: Width of G's tanh layer (>= k).
+        num_classes: C, in [2, k].
+        num_train: Training samples.
+        num_val: Validation samples.
+        num_test: Test samples (also used for predict).
+        noise_std: Std of Gaussian pixel noise added after generation (then clamped to [0, 1]);
+            0 keeps the data exactly on the manifold.
+        batch_size: Samples per batch.
+        num_workers: DataLoader worker processes; 0 loads in the main process.
+        seed: Seed of G's weights, V, the latents and the noise.
+        cache_dir: ``None``: generate in memory; a folder: keep the images there, one file per chunk of
+            ``CHUNK`` samples, written atomically, so a rerun (or a killed run's rerun) makes only what is missing.
+        refine_steps: Levenberg–Marquardt steps of :meth:`exact_manifold`'s encoder for images off the data.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int = 10,
+        image_size: int = 28,
+        hidden_dim: int = 128,
+        num_classes: int = 10,
+        num_train: int = 20000,
+        num_val: int = 5000,
+        num_test: int = 5000,
+        noise_std: float = 0.0,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        refine_steps: int = 3,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not 1 <= latent_dim <= min(hidden_dim, image_size * image_size - 1):
+            raise DmmError(
+                f"--data.latent_dim must be in [1, min(hidden_dim, image_size**2 - 1)], got {latent_dim} "
+                f"(hidden_dim {hidden_dim}, image_size {image_size})."
+            )
+        if not 2 <= num_classes <= latent_dim:
+            raise DmmError(f"--data.num_classes must be in [2, latent_dim={latent_dim}], got {num_classes}.")
+        if min(num_train, num_val, num_test) < 1 or noise_std < 0 or refine_steps < 0:
+            raise DmmError(
+                "--data.num_train/num_val/num_test must be >= 1, --data.noise_std >= 0 and --data.refine_steps "
+                f">= 0; got {num_train}/{num_val}/{num_test}, {noise_std} and {refine_steps}."
+            )
+        if batch_size < 1 or num_workers < 0:
+            raise DmmError(
+                f"--data.batch_size must be >= 1 and --data.num_workers >= 0, got {batch_size} and {num_workers}."
+            )
+        self.num_classes = num_classes
+        self.input_shape = (1, image_size, image_size)
+        self.sizes = {"train": num_train, "val": num_val, "test": num_test}
+        self.generator = ManifoldGenerator(latent_dim, image_size, hidden_dim, seed=seed)
+        # (C, k) orthonormal rows: V z ~ N(0, I_C) for z ~ N(0, I_k), so argmax(V z) is uniform over classes.
+        orthogonal, _ = torch.linalg.qr(torch.randn(latent_dim, latent_dim, generator=_rng(seed, "known/labels")))
+        self.label_map = orthogonal[:num_classes].contiguous()
+        self.latents: dict[str, Tensor] = {}
+        self.datasets: dict[str, TensorDataset] = {}
+
+    def label(self, z: Tensor) -> Tensor:
+        """Class of each latent (N, k): int64 (N,) in [0, C), ``argmax(V z)``."""
+        return (z @ self.label_map.T).argmax(dim=1)
+
+    def split_latents(self, split: str) -> Tensor:
+        """The (N, k) latents of ``split``, drawn from their own stream of ``seed``."""
+        gen = _rng(self.hparams.seed, f"known/{split}")
+        return torch.randn(self.sizes[split], self.hparams.latent_dim, generator=gen)
+
+    @property
+    def cache_folder(self) -> Path | None:
+        """``<cache_dir>/known_manifold-<digest>``: the digest covers every setting the images depend on."""
+        if self.hparams.cache_dir is None:
+            return None
+        hp = self.hparams
+        keys = ("latent_dim", "image_size", "hidden_dim", "noise_std", "seed")
+        identity = {"format": FORMAT, "chunk": CHUNK, "sizes": self.sizes, **{key: hp[key] for key in keys}}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        return Path(hp.cache_dir) / f"known_manifold-{digest}"
+
+    def prepare_data(self) -> None:
+        """With ``cache_dir``, generate the chunks that are missing (once per node, before any ``setup``)."""
+        if self.cache_folder is not None:
+            for split in SPLITS:
+                self._images(split, self.split_latents(split), bar=None)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Generate (or read from the cache) all three splits, whatever ``stage``; later calls keep them."""
+        if self.datasets:
+            return
+        total = sum(-(-size // CHUNK) for size in self.sizes.values())
+        show = rank_zero_only.rank == 0 and total > 1
+        with tqdm(total=total, desc="known manifold", unit="chunk", disable=None if show else True) as bar:
+            for split in SPLITS:
+                z = self.split_latents(split)
+                self.latents[split] = z
+                self.datasets[split] = TensorDataset(self._images(split, z, bar), self.label(z))
+
+    def _images(self, split: str, z: Tensor, bar: tqdm | None) -> Tensor:
+        """Images (N, 1, H, W) of the latents z (N, k) of ``split``, chunk by chunk, from the cache where there."""
+        chunks = []
+        for index, start in enumerate(range(0, len(z), CHUNK)):
+            chunks.append(self._chunk(split, index, z[start : start + CHUNK]))
+            if bar is not None:
+                bar.update(1)
+        return torch.cat(chunks)
+
+    def _chunk(self, split: str, index: int, z: Tensor) -> Tensor:
+        folder = self.cache_folder
+        path = None if folder is None else folder / f"{split}-{index:05d}.pt"
+        if path is not None and path.is_file():
+            return self._read(path, len(z))
+        with torch.no_grad():
+            x = self.generator(z)
+        if self.hparams.noise_std > 0:
+            noise = torch.randn(x.shape, generator=_rng(self.hparams.seed, f"known/{split}/noise/{index}"))
+            x = (x + self.hparams.noise_std * noise).clamp(0, 1)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda p: torch.save(x, p))
+        return x
+
+    def _read(self, path: Path, count: int) -> Tensor:
+        try:
+            x = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch/pickle raise many types for a damaged file
+            raise DmmError(
+                f"cached chunk {path} is unreadable ({type(error).__name__}); delete it to regenerate"
+            ) from None
+        if not isinstance(x, Tensor) or tuple(x.shape) != (count, *self.input_shape):
+            raise DmmError(
+                f"cached chunk {path} does not hold {count} images {self.input_shape}; delete it to regenerate"
+            )
+        return x
+
+    def tangent(self, split: str, indices: Tensor | Sequence[int]) -> Tensor:
+        """Exact tangent bases at samples ``indices`` of ``split``: float32 (B, n, k), orthonormal columns,
+        spanning G's Jacobian at each sample's latent (n = H*W)."""
+        self._check_setup()
+        return tangent_basis(self.generator, self.latents[split][torch.as_tensor(indices, dtype=torch.long)])
+
+    def exact_manifold(self) -> ExactManifold:
+        """G and its exact inverse over all three splits' images, as ``encoder`` and ``decoder`` (copies of G:
+        moving them to a device leaves this data module's G where it is)."""
+        self._check_setup()
+        images = torch.cat([self.datasets[split].tensors[0].flatten(1) for split in SPLITS])  # (N, n)
+        latents = torch.cat([self.latents[split] for split in SPLITS])  # (N, k)
+        decoder = copy.deepcopy(self.generator)
+        encoder = ExactEncoder(decoder, images, latents, self.hparams.refine_steps)
+        return ExactManifold(encoder, decoder, self.input_shape)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def _check_setup(self) -> None:
+        if not self.datasets:
+            raise RuntimeError("setup() has not been called yet")
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self._check_setup()
+        hp = self.hparams
+        return tensor_loader(self.datasets[split], hp.batch_size, hp.num_workers, shuffle, hp.seed)
