@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from planes import K, LinearDecoder, LinearEncoder, N
 from torch import nn
 
 from dmm.attacks import PGD
@@ -147,3 +148,36 @@ def test_latent_steps_move_the_foot_point_nearer_the_image() -> None:
     assert "recon_error_encoder_median" in refined.summarize(records)
     with pytest.raises(DmmError, match="latent_steps"):
         Decomposition(attack, latent_steps=-1)
+
+
+def test_a_learned_plane_is_judged_against_the_known_one_by_its_principal_angles() -> None:
+    """Two planes through 0.5 that share two directions and differ by a rotation of 30 degrees in the third:
+    the principal angles are exactly (0, 0, 30) degrees, and d's on-fraction is measured in both."""
+    basis = torch.eye(N, dtype=torch.float64)[:, : K + 1]
+    theta = math.radians(30.0)
+    learned = basis[:, :K].clone()
+    exact = torch.stack([basis[:, 0], basis[:, 1], math.cos(theta) * basis[:, 2] + math.sin(theta) * basis[:, 3]], 1)
+    torch.manual_seed(0)
+    classifier = nn.Sequential(nn.Flatten(), nn.Linear(N, 3)).double()
+    models = Models(classifier, LinearEncoder(learned), LinearDecoder(learned),
+                    exact=(LinearEncoder(exact), LinearDecoder(exact)))  # fmt: skip
+    g = torch.Generator().manual_seed(4)
+    x = 0.5 + 0.2 * torch.rand(10, 1, 8, 8, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        y = classifier(x).argmax(1)
+    measure = Decomposition(PGD(eps=3.0, steps=30, step_size=0.1, early_stop=True, clamp=False), nulls=[])
+    records = measure.measure(models, make_batch(x, y, torch.arange(10), seed=0))
+    assert torch.allclose(records["exact_angle_max"], torch.full((10,), 30.0, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(records["exact_angle_mean"], torch.full((10,), 10.0, dtype=torch.float64), atol=1e-6)
+    d = records["_images"][:, 2].flatten(1)
+    on_exact = (d @ exact).norm(dim=1) / d.norm(dim=1)  # an orthonormal basis's coefficients carry the norm
+    assert torch.allclose(records["exact_on_fraction"], on_exact, atol=1e-9)
+    assert not torch.allclose(records["exact_on_fraction"], records["on_fraction"])
+    summary = measure.summarize(records)
+    assert summary["exact_angle_max_median"] == pytest.approx(30.0, abs=1e-6)
+    same = Models(classifier, LinearEncoder(learned), LinearDecoder(learned),
+                  exact=(LinearEncoder(learned), LinearDecoder(learned)))  # fmt: skip
+    records = measure.measure(same, make_batch(x, y, torch.arange(10), seed=0))
+    assert records["exact_angle_max"].max() < 1e-5 and torch.allclose(
+        records["exact_on_fraction"], records["on_fraction"]
+    )

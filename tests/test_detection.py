@@ -114,7 +114,7 @@ class Rounding(nn.Module):
 
 
 def test_project_then_classify_is_the_composition_and_has_gradients(models: Models) -> None:
-    classifier, encoder, decoder = models
+    classifier, encoder, decoder = models.classifier, models.encoder, models.decoder
     ptc = ProjectThenClassify(classifier, nn.Sequential(encoder, decoder))
     x = torch.rand(16, *SHAPE, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
     logits = ptc(x)

@@ -159,6 +159,11 @@ class Evaluation(L.Callback):
         device = pl_module.device
         autoencoder = self.autoencoder.to(device) if self.autoencoder is not None else None
         models = Models(pl_module, *((autoencoder.encoder, autoencoder.decoder) if autoencoder else ()))
+        exact = None
+        if autoencoder is not None and self.autoencoder_path != EXACT_MANIFOLD:  # a learned model of a known manifold
+            if hasattr(trainer.datamodule, "exact_manifold"):
+                exact = trainer.datamodule.exact_manifold().to(device)
+                models = models._replace(exact=(exact.encoder, exact.decoder))
         if self.measure.needs_subset:  # the whole subset, the same on every process
             self.measure.prepare(*(fixed_subset(dataset, self.num_images, self.seed)[i] for i in (0, 1, 3)))
         # On the first images of the whole subset, the same on every process.
@@ -175,6 +180,7 @@ class Evaluation(L.Callback):
         settings = {"measure": type(self.measure).__name__, **self.measure.settings(), "seed": self.seed}
         settings["num_grid"] = self.num_grid
         weights = {"classifier": pl_module, **({"autoencoder": autoencoder} if autoencoder else {})}
+        weights |= {"exact": exact} if exact is not None else {}
         # Beside the autoencoder by default: every classifier evaluated against it shares one cache folder.
         exact = self.autoencoder_path in (None, EXACT_MANIFOLD)  # no checkpoint to share a folder with: the run's
         near = Path(trainer.default_root_dir) if exact else Path(self.autoencoder_path).parent

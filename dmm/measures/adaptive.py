@@ -79,7 +79,7 @@ class AdaptivePTC(Measure):
         ``classifier/robust@{e}`` (the transfer attack's source) and ``ptc/{attack}/robust@{e}`` for each of
         :data:`ATTACKS`: the pipeline is correct at x and at that attack's x_adv; with detection,
         ``detect/{clean,standard,evasive}/score`` and ``detect/{standard,evasive}/fooled`` (the classifier)."""
-        classifier, encoder, decoder = models
+        classifier, encoder, decoder = models.classifier, models.encoder, models.decoder
         x, y, seed = batch.x, batch.y, batch_seed(batch)
         autoencoder = nn.Sequential(encoder, decoder)
         ptc = ProjectThenClassify(classifier, autoencoder)

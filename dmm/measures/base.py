@@ -23,11 +23,14 @@ class Models(NamedTuple):
         classifier: images -> logits (B, classes).
         encoder: images -> latents (B, k); ``None`` when the measure needs no manifold model.
         decoder: latents -> images in [0, 1].
+        exact: the data's known manifold as (encoder, decoder), when the data has one and ``encoder`` and
+            ``decoder`` are a learned model of it: measures then also report how far the learned one is off.
     """
 
     classifier: nn.Module
     encoder: nn.Module | None = None
     decoder: nn.Module | None = None
+    exact: tuple[nn.Module, nn.Module] | None = None
 
 
 class Batch(NamedTuple):

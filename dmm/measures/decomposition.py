@@ -21,7 +21,9 @@ For images x with labels y, a classifier f and an autoencoder's encoder E and de
    (its first iterate past the boundary, which removing any part tends to un-cross) and for a perturbation
    run to the full budget without early stopping (``full_budget_parts``), where the parts have room to act;
    with the random null, the same for d's parts in the random subspace and its complement: the shares the
-   tangent's parts must beat.
+   tangent's parts must beat;
+7. on data whose manifold is known (``models.exact``), the instrument's error: the principal angles between
+   the learned tangent space and the exact one at each image, and d's on-fraction in the exact tangent space.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from dmm.manifold import (
     MatrixFreeTangent,
     Subspace,
     active_pixels,
+    principal_angles,
     project_to_manifold,
     random_basis,
     random_subspace_fraction,
@@ -268,7 +271,24 @@ class Decomposition(Measure):
         out["recon_error"] = recon_error
         if "other" in self.arms:
             out["other_same_class"] = self._partner_images(batch)[1]
+        if models.exact is not None:
+            out |= self._against_exact(models, x, tangent, d)
         out["_images"] = torch.stack([x, x + d, d, d_on, d_off], dim=1)
+        return out
+
+    @staticmethod
+    def _against_exact(models: Models, x: Tensor, tangent, d: Tensor) -> dict[str, Tensor]:
+        """The learned tangent space against the known manifold's at each image (B,): principal angles in
+        degrees (mean and largest; dense tangents only) and d's on-fraction in the exact tangent space."""
+        encoder, decoder = models.exact
+        with torch.no_grad():
+            z = encoder(x)
+        exact, _ = tangent_subspace(decoder, z, x[0].numel())
+        out = {"exact_on_fraction": fraction(exact.split(d)[0], d)}
+        if isinstance(tangent, Subspace) and isinstance(exact, Subspace):
+            wide, narrow = sorted((tangent.basis, exact.basis), key=lambda q: -q.shape[2])
+            angles = torch.rad2deg(principal_angles(wide, narrow))  # (B, min(k, k_exact)), ascending
+            out["exact_angle_mean"], out["exact_angle_max"] = angles.mean(dim=1), angles[:, -1]
         return out
 
     @staticmethod
@@ -324,6 +344,9 @@ class Decomposition(Measure):
         subsets = {"on_fraction": ok, "random_fraction": ok}
         keys = ["on_fraction", "random_fraction", *(f"leak_{a}" for a in arms[1:]), "tangent_condition"]
         keys += [key for key in ("recon_error", "recon_error_encoder") if key in records]
+        keys += [key for key in ("exact_angle_mean", "exact_angle_max") if key in records]
+        subsets["exact_on_fraction"] = ok
+        keys += ["exact_on_fraction"] if "exact_on_fraction" in records else []
         for key in keys:
             values = records[key][subsets.get(key, correct if key.startswith("leak") else torch.ones_like(ok))]
             s[f"{key}_mean"] = values.mean().item() if values.numel() else math.nan

@@ -102,7 +102,7 @@ class Detection(Measure):
         ``eps_curve``; ``fooled`` (correct, and the attack at ``attack.eps`` changed the prediction);
         ``clean/{score}``, ``adversarial/{score}`` and ``noise/{score}`` for the scores of :func:`scores`;
         ``ptc/correct``; ``ptc/grad_norm``."""
-        classifier, encoder, decoder = models
+        classifier, encoder, decoder = models.classifier, models.encoder, models.decoder
         x, y = batch.x, batch.y
         ptc = ProjectThenClassify(classifier, nn.Sequential(encoder, decoder))
         out = {"classifier/correct": predict(classifier, x) == y, "ptc/correct": predict(ptc, x) == y}
