@@ -8,15 +8,14 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from dmm.data.loading import tensor_loader
-from dmm.data.synthetic import SPLITS, ManifoldGenerator, _rng
+from dmm.data.loading import InMemorySplits
+from dmm.data.synthetic import SPLITS, ManifoldGenerator, rng_stream
 from dmm.errors import DmmError
 from dmm.io import atomic_write
 from dmm.manifold import ExactEncoder, ExactManifold, tangent_basis
@@ -28,7 +27,7 @@ FORMAT = 1
 """Version of the generation recipe, part of the cache folder's name: bump it when the images change."""
 
 
-class KnownManifoldDataModule(L.LightningDataModule):
+class KnownManifoldDataModule(InMemorySplits):
     """Images x = G(z), z ~ N(0, I_k), of a fixed smooth generator G: a k-manifold in pixel space, known exactly.
 
     G is a seeded random :class:`~dmm.data.ManifoldGenerator`, ``z -> sigmoid(W2 tanh(W1 z + b1) + b2)``, at
@@ -96,7 +95,7 @@ class KnownManifoldDataModule(L.LightningDataModule):
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.generator = ManifoldGenerator(latent_dim, image_size, hidden_dim, seed=seed)
         # (C, k) orthonormal rows: V z ~ N(0, I_C) for z ~ N(0, I_k), so argmax(V z) is uniform over classes.
-        orthogonal, _ = torch.linalg.qr(torch.randn(latent_dim, latent_dim, generator=_rng(seed, "known/labels")))
+        orthogonal, _ = torch.linalg.qr(torch.randn(latent_dim, latent_dim, generator=rng_stream(seed, "known/labels")))
         self.label_map = orthogonal[:num_classes].contiguous()
         self.latents: dict[str, Tensor] = {}
         self.datasets: dict[str, TensorDataset] = {}
@@ -107,7 +106,7 @@ class KnownManifoldDataModule(L.LightningDataModule):
 
     def split_latents(self, split: str) -> Tensor:
         """The (N, k) latents of ``split``, drawn from their own stream of ``seed``."""
-        gen = _rng(self.hparams.seed, f"known/{split}")
+        gen = rng_stream(self.hparams.seed, f"known/{split}")
         return torch.randn(self.sizes[split], self.hparams.latent_dim, generator=gen)
 
     @property
@@ -156,7 +155,7 @@ class KnownManifoldDataModule(L.LightningDataModule):
         with torch.no_grad():
             x = self.generator(z)
         if self.hparams.noise_std > 0:
-            noise = torch.randn(x.shape, generator=_rng(self.hparams.seed, f"known/{split}/noise/{index}"))
+            noise = torch.randn(x.shape, generator=rng_stream(self.hparams.seed, f"known/{split}/noise/{index}"))
             x = (x + self.hparams.noise_std * noise).clamp(0, 1)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,23 +191,6 @@ class KnownManifoldDataModule(L.LightningDataModule):
         encoder = ExactEncoder(decoder, images, latents, self.hparams.refine_steps)
         return ExactManifold(encoder, decoder, self.input_shape)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
     def _check_setup(self) -> None:
         if not self.datasets:
             raise RuntimeError("setup() has not been called yet")
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self._check_setup()
-        hp = self.hparams
-        return tensor_loader(self.datasets[split], hp.batch_size, hp.num_workers, shuffle, hp.seed)

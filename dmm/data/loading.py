@@ -8,6 +8,7 @@ for a ``DistributedSampler``, which is seeded per epoch in the same way.
 
 from __future__ import annotations
 
+import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
@@ -33,3 +34,29 @@ def tensor_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: 
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )
+
+
+class InMemorySplits(L.LightningDataModule):
+    """Base of data modules holding their splits in memory: ``self.datasets`` maps "train", "val" and "test"
+    to datasets, filled by ``setup``; hyperparameters ``batch_size``, ``num_workers`` and ``seed``. Predict
+    reads the test split."""
+
+    datasets: dict[str, Dataset]
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError("setup() has not been called yet")
+        hp = self.hparams
+        return tensor_loader(self.datasets[split], hp.batch_size, hp.num_workers, shuffle, hp.seed)

@@ -5,19 +5,18 @@ from __future__ import annotations
 import hashlib
 import math
 
-import lightning as L
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from dmm.data.loading import tensor_loader
+from dmm.data.loading import InMemorySplits
 from dmm.errors import DmmError
 
 SPLITS = ("train", "val", "test")
 
 
-def _rng(seed: int, stream: str) -> torch.Generator:
+def rng_stream(seed: int, stream: str) -> torch.Generator:
     """A generator for one named stream, so streams never share draws across seeds or splits."""
     digest = hashlib.sha256(f"{seed}/{stream}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
@@ -45,7 +44,7 @@ class ManifoldGenerator(nn.Module):
         if not 1 <= latent_dim <= hidden_dim:
             raise DmmError(f"latent_dim must be in [1, hidden_dim={hidden_dim}], got {latent_dim}.")
         self.latent_dim, self.image_size = latent_dim, image_size
-        gen = _rng(seed, "generator")
+        gen = rng_stream(seed, "generator")
         self.hidden = nn.Linear(latent_dim, hidden_dim)
         self.out = nn.Linear(hidden_dim, image_size * image_size)
         with torch.no_grad():
@@ -88,7 +87,7 @@ def _smooth_fields(count: int, size: int, gen: torch.Generator) -> torch.Tensor:
     return fields / fields.std(dim=1, keepdim=True)
 
 
-class SyntheticManifoldDataModule(L.LightningDataModule):
+class SyntheticManifoldDataModule(InMemorySplits):
     """Images ``generator(z)`` with ``z ~ N(0, I_k)``: data on a known k-manifold in pixel space.
 
     The class of a sample is the angular sector of ``(z0, z1)``: ``floor((atan2(z1, z0) + pi) * C / 2pi)``.
@@ -154,7 +153,7 @@ class SyntheticManifoldDataModule(L.LightningDataModule):
             return
         sizes = {"train": self.hparams.num_train, "val": self.hparams.num_val, "test": self.hparams.num_test}
         for split in SPLITS:
-            gen = _rng(self.hparams.seed, split)
+            gen = rng_stream(self.hparams.seed, split)
             z = torch.randn(sizes[split], self.hparams.latent_dim, generator=gen)
             with torch.no_grad():
                 x = self.generator(z)
@@ -163,21 +162,3 @@ class SyntheticManifoldDataModule(L.LightningDataModule):
                 x = (x + self.hparams.noise_std * noise).clamp(0, 1)
             self.latents[split] = z
             self.datasets[split] = TensorDataset(x, self.label(z))
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if split not in self.datasets:
-            raise RuntimeError("setup() has not been called yet")
-        hp = self.hparams
-        return tensor_loader(self.datasets[split], hp.batch_size, hp.num_workers, shuffle, hp.seed)
