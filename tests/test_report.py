@@ -213,6 +213,27 @@ def test_crossed_classifiers_and_autoencoders_give_a_two_way_interval(tmp_path: 
     assert "| figure | mean over runs [95 % t-interval] | df | per run |" in markdown
 
 
+def test_a_standard_and_a_robust_classifier_are_not_seeds_of_one_experiment(tmp_path: Path) -> None:
+    """The classifier checkpoints say how each was trained: standard and adversarial runs are never pooled."""
+    folders = []
+    for name, adversary in (
+        ("standard", None),
+        ("robust", {"eps": 2.0, "steps": 7}),
+        ("robust2", {"eps": 2.0, "steps": 7}),
+    ):
+        checkpoint = tmp_path / f"{name}.ckpt"
+        torch.save({"hyper_parameters": {"adversary": adversary}}, checkpoint)
+        folder = write_run(tmp_path / name, fake_records(60, seed=len(folders)), seed=0)
+        (folder / "config.yaml").write_text(f"ckpt_path: {checkpoint}\n")
+        folders.append(folder)
+    report, markdown, _ = _report(*folders, out=tmp_path / "out")
+    robust = {"eps": 2.0, "steps": 7}
+    assert [r["classifier"]["adversary"] for r in report["runs"]] == [None, robust, robust]
+    (group,) = report["seed_groups"]  # the two robust runs only
+    assert len(group["runs"]) == 2
+    assert "standard training" in markdown and "adversarial training (eps=2.0, steps=7)" in markdown
+
+
 def test_checks_can_fail(tmp_path: Path) -> None:
     records = fake_records(150, seed=0)
     summary = logged_summary(records) | {"clean_acc": 0.5}

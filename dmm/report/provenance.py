@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dmm.models.loading import migrate_autoencoder
+from dmm.models.loading import migrate_autoencoder, migrate_classifier
 from dmm.report.runs import Run
 
 
@@ -55,13 +55,25 @@ def _float(value) -> float | None:
 
 
 def classifier_facts(run: Run) -> dict:
-    """Class and network of the classifier (config.yaml) and the checkpoint the evaluation loaded."""
+    """Class and network of the classifier (config.yaml), the checkpoint the evaluation loaded and how that
+    checkpoint was trained: its adversarial-training attack (``adversary``, None for standard training; "n/a"
+    when the checkpoint cannot be read), so a standard and a robust classifier never count as seeds of one
+    experiment."""
     spec = run.config.get("model") or {}
-    return {
+    facts = {
         "class": class_name(spec),
         "network": class_name((spec.get("init_args") or {}).get("network")),
         "checkpoint": run.config.get("ckpt_path"),
+        "adversary": "n/a",
     }
+    path = resolve(facts["checkpoint"], run)
+    if path is not None:
+        try:
+            hp = torch.load(path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        except Exception:  # replaced or truncated since the run: the report goes on without the fact
+            return facts
+        facts["adversary"] = migrate_classifier(dict(hp)).get("adversary")
+    return facts
 
 
 def _recorded_mse(checkpoint: dict, path: Path) -> tuple[float | None, str]:

@@ -10,6 +10,14 @@ from dmm.report.text import censored, estimate, ratio_text, table
 KNOWN_SETTINGS = {"eps", "norm", "steps", "step_size", "clamp", "early_stop"}
 
 
+def _training(adversary) -> str:
+    if adversary is None:
+        return "standard training"
+    if isinstance(adversary, dict):
+        return "adversarial training (" + ", ".join(f"{k}={v}" for k, v in adversary.items()) + ")"
+    return "training n/a (checkpoint not found)"
+
+
 def _provenance(e: dict) -> list[str]:
     fig, s, ae = e["figures"], e["settings"], e["autoencoder"]
     mse = "n/a" if ae["mse"] is None else f"{ae['mse']:.4g} ({ae['mse_source']})"
@@ -19,7 +27,8 @@ def _provenance(e: dict) -> list[str]:
     return [
         f"- Folder: `{e['folder']}`; results `{Path(e['results']).name}` (stage {e['stage']}, epoch {e['epoch']}, "
         f"step {e['global_step']}); seed {e['seed'] if e['seed'] is not None else 'n/a'}",
-        f"- Dataset: {e['dataset']}; classifier: {e['classifier']['class']} ({e['classifier']['network']})",
+        f"- Dataset: {e['dataset']}; classifier: {e['classifier']['class']} ({e['classifier']['network']}), "
+        f"{_training(e['classifier'].get('adversary', 'n/a'))}; checkpoint `{e['classifier']['checkpoint']}`",
         f"- Autoencoder: {ae['class']} ({ae['encoder']} / {ae['decoder']}, k = {ae['latent_dim']}{extra}), "
         f"reconstruction MSE {mse}; checkpoint `{ae['checkpoint']}`",
         f"- Attack: {'early-stopped ' if s.get('early_stop', True) else ''}PGD, {s['norm']} eps = {s['eps']:g}, "

@@ -189,7 +189,7 @@ def experiment_key(entry: dict) -> str:
         "k": entry["figures"]["k"],
         "n": entry["figures"]["n"],
         "dataset": entry["dataset"],
-        "classifier": [entry["classifier"][k] for k in ("class", "network")],
+        "classifier": [entry["classifier"].get(k) for k in ("class", "network", "adversary")],
         "autoencoder": [entry["autoencoder"][k] for k in ("class", "encoder", "decoder", "latent_dim", "extra")],
     }
     return json.dumps(key, sort_keys=True, default=str)
