@@ -259,7 +259,9 @@ class Decomposition(Measure):
         else:
             out["on_fraction"] = tangent.fraction(d)
             out["random_fraction"] = spaces["random"].fraction(d)
-        splits = {("on", "off"): tangent} | ({("random", "random_off"): spaces["random"]} if "random" in spaces else {})
+        splits = {("on", "off"): tangent} | (
+            {("random", "random_off"): spaces["random"]} if "random" in self.arms else {}
+        )
         self._parts(out, "", f, x, y, d, correct, splits)
         if self.full_budget_parts:
             budget = self.attack.replace(early_stop=False)(f, x, y) - x
