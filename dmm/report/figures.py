@@ -104,6 +104,11 @@ def parts(r: dict, correct, full_ok, idx) -> dict:
     for key in ("recon_error", "recon_error_encoder"):
         if key in r:
             out["recon_error"][key] = bootstrap(masked_median, [r[key], correct], idx)
+    # On data with a known manifold: the learned tangent against the exact one (the instrument's error).
+    out["exact"] = {key: bootstrap(masked_median, [r[key], among], idx)
+                    for key, among in (("exact_angle_mean", correct), ("exact_angle_max", correct),
+                                       ("exact_on_fraction", full_ok), ("on_fraction", full_ok))
+                    if "exact_angle_mean" in r and key in r}  # fmt: skip
     return out
 
 

@@ -122,6 +122,13 @@ def _parts(fig: dict) -> list[str]:
     out = []
     if rows:
         out += table(["part of d (alone, clamped)", "fools", "median share of the margin drop"], rows) + [""]
+    exact = fig.get("exact", {})
+    if exact:
+        mean, most = estimate(exact["exact_angle_mean"]), estimate(exact["exact_angle_max"])
+        learned, true = estimate(exact["on_fraction"]), estimate(exact["exact_on_fraction"])
+        out += [f"Against the data's exact manifold (medians): principal angles between the learned and the exact "
+                f"tangent space {mean} degrees on average, {most} at most; on-fraction of d {learned} in the "
+                f"learned tangent space, {true} in the exact one.", ""]  # fmt: skip
     recon = fig.get("recon_error", {})
     if "recon_error_encoder" in recon:
         at_encoder, refined = estimate(recon["recon_error_encoder"]), estimate(recon["recon_error"])
