@@ -19,34 +19,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from dmm.errors import DmmError
 from dmm.models.loading import best_checkpoint
+from dmm.steps import resumable_step
 
 log = logging.getLogger("dmm.seeds")
-
-
-def _step(folder: Path, args: list[str]) -> None:
-    """Run ``dmm <args>`` into ``folder`` unless it finished before; a folder without ``done`` is redone."""
-    if (folder / "done").is_file():
-        log.info("%s: done before, kept", folder)
-        return
-    if folder.exists():
-        log.info("%s: unfinished, removed and run again", folder)
-        shutil.rmtree(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "DMM_RUN_DIR": str(folder)}
-    log.info("dmm %s", " ".join(args))
-    status = subprocess.run([sys.executable, "-m", "dmm", *args], env=env).returncode
-    if status:
-        raise DmmError(f"`dmm {' '.join(args)}` failed (exit {status}); its output is above, its folder {folder}")
-    (folder / "done").write_text("")
 
 
 def _trained(out: Path, kind: str, config: str, seeds: list[int], common: list[str]) -> list[tuple[str, Path]]:
@@ -54,7 +35,7 @@ def _trained(out: Path, kind: str, config: str, seeds: list[int], common: list[s
     runs = []
     for seed in seeds:
         folder = out / f"{kind}-seed{seed}"
-        _step(folder, ["fit", "--config", config, "--seed_everything", str(seed), *common])
+        resumable_step(folder, ["fit", "--config", config, "--seed_everything", str(seed), *common])
         runs.append((str(seed), best_checkpoint(folder)))
     return runs
 
@@ -99,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
                 folder = out / f"test-c{c}-a{a}"
                 test = ["test", "--config", args.classifier_config, "--ckpt_path", str(classifier)]
                 test += ["--evaluation.autoencoder", str(autoencoder), *common, *extra]
-                _step(folder, test)
+                resumable_step(folder, test)
                 tests.append(str(folder))
         from dmm.report import main as report
 

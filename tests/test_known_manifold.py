@@ -1,7 +1,8 @@
 """The known-manifold data: images, labels and tangents against independent references, the exact inverse, the
 chunked cache, and the DMM decomposition run through the CLI on the exact manifold (``--evaluation.autoencoder data``).
 
-Everything runs at a tiny size (12x12 images on a 3-d manifold, 64/32/32 samples): the maths, not the scale.
+Everything runs at a tiny size (12x12 images on a 3-d manifold, 64/32/32 samples; upsampled to 24x24 for the ambient
+embedding): the maths, not the scale.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from cli_runs import fit, run
 
 from dmm.callbacks.batches import module_digest
 from dmm.data import KnownManifoldDataModule
 from dmm.data import known_manifold as known
+from dmm.data.synthetic import ManifoldGenerator
 from dmm.errors import DmmError
 from dmm.manifold import ExactEncoder, principal_angles
 from dmm.manifold import exact as exact_module
@@ -201,6 +204,7 @@ def test_cache_is_reused_and_a_partial_cache_resumes_to_the_same_tensors(
         ({"noise_std": -0.1}, "--data.noise_std >= 0"),
         ({"refine_steps": -1}, "--data.refine_steps >= 0"),
         ({"batch_size": 0}, "--data.batch_size must be >= 1"),
+        ({"ambient_size": 11}, r"--data.ambient_size must be >= --data.image_size=12"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(changes: dict, message: str) -> None:
@@ -251,3 +255,148 @@ def test_exact_manifold_needs_a_data_module_that_has_one(capsys: pytest.CaptureF
     assert "Traceback" not in err
     (line,) = [line for line in err.splitlines() if line.startswith("dmm: error:")]
     assert "--evaluation.autoencoder data needs a data module with a known manifold" in line
+
+
+# --- The ambient embedding: the same manifold, latents and labels in more pixels (U∘G, U bilinear upsampling) ---
+
+
+def bilinear_matrix(size: int, ambient: int) -> torch.Tensor:
+    """Reference 1-d upsampling (ambient, size) float64, written from align_corners=False's definition: output
+    pixel i samples the input at (i + 0.5) * size / ambient - 0.5, clamped at 0, linearly between neighbours."""
+    matrix = torch.zeros(ambient, size, dtype=torch.float64)
+    for i in range(ambient):
+        source = max((i + 0.5) * size / ambient - 0.5, 0.0)
+        low = int(source)
+        weight = source - low
+        matrix[i, low] += 1 - weight
+        matrix[i, min(low + 1, size - 1)] += weight
+    return matrix
+
+
+def test_ambient_size_none_is_the_plain_generator_with_its_old_cache_folder() -> None:
+    data = tiny()
+    assert type(data.generator) is ManifoldGenerator and data.input_shape == (1, 12, 12)
+    with torch.no_grad():
+        direct = ManifoldGenerator(3, 12, 16, seed=0)(data.latents["test"])
+    assert torch.equal(images(data, "test"), direct)  # bit for bit G(z), as before the option
+    # The cache digest of settings without ambient_size is the one from before the option: old caches stay valid.
+    folder = KnownManifoldDataModule(**TINY, cache_dir="cache").cache_folder
+    assert folder.name == "known_manifold-e962398e854030f2"
+    assert KnownManifoldDataModule(**TINY, cache_dir="cache", ambient_size=24).cache_folder != folder
+
+
+def test_ambient_images_are_the_upsampled_base_images_with_the_same_latents_and_labels() -> None:
+    base, up, same = tiny(), tiny(ambient_size=24), tiny(ambient_size=12)
+    assert up.input_shape == (1, 24, 24) and type(up.generator) is known.Embedded
+    for split in SPLITS:
+        assert torch.equal(up.latents[split], base.latents[split])
+        assert torch.equal(up.datasets[split].tensors[1], base.datasets[split].tensors[1])
+        x = images(up, split)
+        assert x.shape == (len(x), 1, 24, 24) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+        upsampled = F.interpolate(images(base, split), size=(24, 24), mode="bilinear", align_corners=False)
+        assert torch.equal(x, upsampled)
+        assert torch.equal(images(same, split), images(base, split))  # U at the same size is the identity
+    # Latents and labels do not depend on the ambient size; images are the 2-d reference U = M ⊗ M applied to G's.
+    flat = images(base, "val").flatten(1).double()  # (N, 144)
+    m = bilinear_matrix(12, 24)
+    reference = flat @ torch.kron(m, m).T  # (N, 576), row-major pixels: U[(i, j), (a, b)] = M[i, a] M[j, b]
+    torch.testing.assert_close(images(up, "val").flatten(1).double(), reference, atol=1e-6, rtol=0)
+    x, _ = next(iter(up.train_dataloader()))
+    assert x.shape == (16, 1, 24, 24)
+
+
+@pytest.mark.parametrize(("size", "ambient"), [(12, 24), (16, 16), (16, 28), (16, 56)])
+def test_the_embedding_is_a_convex_injective_linear_map(size: int, ambient: int) -> None:
+    # U as a matrix (ambient², size²), read off the module on the basis images: G replaced by the identity.
+    class Identity(torch.nn.Module):
+        image_size, latent_dim = size, size * size
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return z.reshape(*z.shape[:-1], 1, size, size)
+
+    embed = known.Embedded(Identity(), ambient)
+    u = embed(torch.eye(size * size, dtype=torch.float64)).flatten(1).T  # (ambient², size²)
+    m = bilinear_matrix(size, ambient)
+    torch.testing.assert_close(u, torch.kron(m, m), atol=1e-12, rtol=0)  # the textbook bilinear weights
+    # Convex combinations: [0, 1] images stay in [0, 1]. Full column rank: U is injective, U∘G a k-manifold.
+    assert (u >= 0).all()
+    torch.testing.assert_close(u.sum(dim=1), torch.ones(ambient * ambient, dtype=torch.float64))
+    assert torch.linalg.matrix_rank(u) == size * size
+    with pytest.raises(DmmError, match="size must be >= the generator's image_size"):
+        known.Embedded(Identity(), size - 1)
+
+
+def test_ambient_tangent_matches_finite_differences_of_the_embedded_generator_in_float64() -> None:
+    base, data = tiny(), tiny(ambient_size=24)
+    indices = [0, 5, 17, 31]
+    basis = data.tangent("val", indices)  # (B, n, k)
+    assert basis.shape == (4, 576, 3)
+    torch.testing.assert_close(basis.mT @ basis, torch.eye(3).expand(4, 3, 3), atol=1e-5, rtol=0)
+    # Independent reference: central differences of a float64 copy of U∘G, orthonormalised by QR.
+    g64, z = copy.deepcopy(data.generator).double(), data.latents["val"][indices].double()
+    h = 1e-6
+    columns = [
+        (g64(z + h * e) - g64(z - h * e)).flatten(1) / (2 * h) for e in torch.eye(3, dtype=torch.float64)
+    ]  # k x (B, n)
+    reference, _ = torch.linalg.qr(torch.stack(columns, dim=2))
+    angles = principal_angles(reference, basis.double())
+    assert angles.max() < 1e-4, angles
+    # The same space as U applied to G's own tangent space: span(U J) = span(U Q).
+    m = bilinear_matrix(12, 24)
+    mapped, _ = torch.linalg.qr(torch.kron(m, m) @ base.tangent("val", indices).double())
+    assert principal_angles(mapped, basis.double()).max() < 1e-4
+    torch.testing.assert_close(g64(z).float(), images(data, "val")[indices], atol=1e-6, rtol=0)
+
+
+def test_exact_manifold_at_ambient_size_inverts_the_embedded_generator() -> None:
+    data = tiny(ambient_size=24)
+    manifold = data.exact_manifold()
+    assert (manifold.latent_dim, manifold.input_shape) == (3, (1, 24, 24))
+    assert type(manifold.decoder) is known.Embedded and manifold.decoder is not data.generator
+    assert manifold.encoder.images.shape == (128, 576)
+    for split in SPLITS:
+        z = manifold.encoder(images(data, split))
+        assert torch.equal(z, data.latents[split])
+        with torch.no_grad():
+            torch.testing.assert_close(manifold.decoder(z), images(data, split), atol=1e-6, rtol=0)
+
+
+def test_ambient_cache_round_trips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(known, "CHUNK", 32)
+    settings = {"ambient_size": 24, "noise_std": 0.05, "cache_dir": str(tmp_path)}
+    first = KnownManifoldDataModule(**(TINY | settings))
+    first.setup()
+    again = KnownManifoldDataModule(**(TINY | settings))
+    monkeypatch.setattr(again.generator, "forward", lambda z: pytest.fail("regenerated a cached chunk"))
+    again.setup()
+    for split in SPLITS:
+        assert torch.equal(images(again, split), images(first, split)) and images(first, split).shape[-1] == 24
+    # The noise is drawn in the ambient pixels: off the manifold in every direction, the latents unchanged.
+    assert torch.equal(first.latents["val"], tiny().latents["val"])
+    noise = (images(first, "val") - images(tiny(ambient_size=24), "val")).flatten(1).double()  # (N, 576)
+    # Drawn at 24x24, not upsampled from 12x12: most of it lies outside U's range (3/4 for white noise).
+    q, _ = torch.linalg.qr(torch.kron(*(bilinear_matrix(12, 24),) * 2))  # (576, 144) basis of range(U)
+    outside = noise - noise @ q @ q.T
+    assert 0.6 < outside.pow(2).sum() / noise.pow(2).sum() < 0.9
+
+
+def test_ambient_fit_and_exact_decomposition_through_the_cli(tmp_path: Path) -> None:
+    quiet = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    data = [f"--data.{key}={value}" for key, value in TINY.items()] + ["--data.ambient_size=24"]
+    cheap = ["--evaluation.num_images=16", "--evaluation.batch_size=8", "--evaluation.checks=false",
+             "--evaluation.measure.attack.steps=5"]  # fmt: skip
+    # The config's two commands: fit (measuring on the exact manifold after the last epoch), then test.
+    checkpoint = fit(CONFIGS / "ambient.yaml", tmp_path / "clf", *data, *quiet, *cheap, "--trainer.max_epochs=1",
+                     "--evaluation.every_n_epochs=1", "--trainer.limit_train_batches=2",
+                     "--trainer.limit_val_batches=1")  # fmt: skip
+    fitted = json.loads((checkpoint.parents[1] / "decomposition" / "val-epoch0.json").read_text())
+    assert fitted["input_shape"] == [1, 24, 24] and "full/success_rate" in fitted["summary"]  # the sweep's metric
+    root = tmp_path / "exact"
+    run("test", "--config", str(CONFIGS / "decomposition_exact.yaml"), *data, *quiet, *cheap,
+        "--ckpt_path", str(checkpoint), "--trainer.default_root_dir", str(root))  # fmt: skip
+    (folder,) = root.iterdir()
+    result = json.loads((folder / "decomposition" / "test-epoch0.json").read_text())
+    assert (result["autoencoder"], result["latent_dim"], result["input_shape"]) == ("data", 3, [1, 24, 24])
+    samples = torch.load(folder / "decomposition" / "test-epoch0-samples.pt", weights_only=True)
+    assert samples["recon_error"].max() < 1e-5  # the embedded images lie on the embedded manifold
+    assert torch.isfinite(samples["tangent_condition"]).all() and (samples["tangent_condition"] >= 1).all()

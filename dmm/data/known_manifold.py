@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
@@ -27,26 +28,58 @@ FORMAT = 1
 """Version of the generation recipe, part of the cache folder's name: bump it when the images change."""
 
 
+class Embedded(nn.Module):
+    """U∘G: a generator's images bilinearly upsampled to ``size`` x ``size``, the same manifold in more pixels.
+
+    U is ``interpolate(mode="bilinear", align_corners=False)``, a fixed linear map: every output pixel is a convex
+    combination of input pixels (images in [0, 1] stay there) and, as ``size`` >= G's size, U is injective, so
+    U∘G is a k-manifold again, with tangent space U J at U G(z). Pure torch with no in-place ops: works under
+    ``torch.func.jvp``/``vmap``.
+
+    Args:
+        generator: G, latents (..., k) -> images (..., C, H, W) with H = W = ``generator.image_size``.
+        size: Height = width of the embedded images, >= H.
+
+    Shapes:
+        ``z`` (..., k) -> images (..., C, size, size) in G's dtype.
+    """
+
+    def __init__(self, generator: ManifoldGenerator, size: int) -> None:
+        super().__init__()
+        if size < generator.image_size:
+            raise DmmError(f"Embedded's size must be >= the generator's image_size {generator.image_size}, got {size}")
+        self.generator, self.latent_dim, self.image_size = generator, generator.latent_dim, size
+
+    def forward(self, z: Tensor) -> Tensor:
+        x = self.generator(z)
+        lead, image = x.shape[:-3], x.shape[-3:]
+        # interpolate takes (N, C, H, W): flatten any leading dims (none under vmap's per-sample calls) and back.
+        up = F.interpolate(x.reshape(-1, *image), size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
+        return up.reshape(*lead, image[0], self.image_size, self.image_size)
+
+
 class KnownManifoldDataModule(InMemorySplits):
     """Images x = G(z), z ~ N(0, I_k), of a fixed smooth generator G: a k-manifold in pixel space, known exactly.
 
     G is a seeded random :class:`~dmm.data.ManifoldGenerator`, ``z -> sigmoid(W2 tanh(W1 z + b1) + b2)``, at
-    MNIST's size by default. The class of a sample is ``argmax(V z)``, V (C, k) the first C rows of a seeded
-    random orthogonal matrix: V z ~ N(0, I_C), so the C classes are equally likely, and a linear probe on z is
-    perfect by construction. Batches are ``(x, y)``: ``x`` float32 ``(B, 1, H, W)`` in [0, 1], ``y`` int64
+    MNIST's size by default. With ``ambient_size`` the images are U G(z), U the bilinear upsampling of
+    :class:`Embedded`: the same latents, labels and intrinsic manifold in a larger pixel space. The class of a
+    sample is ``argmax(V z)``, V (C, k) the first C rows of a seeded random orthogonal matrix: V z ~ N(0, I_C), so
+    the C classes are equally likely, and a linear probe on z is perfect by construction. Batches are ``(x, y)``:
+    ``x`` float32 ``(B, 1, H, W)`` in [0, 1] (H = W = ``ambient_size``, or else ``image_size``), ``y`` int64
     ``(B,)``. After ``setup``, ``latents[split]`` holds the (N, k) latents in order, :meth:`tangent` the exact
-    tangent bases and :meth:`exact_manifold` G with its exact inverse, for ``--evaluation.autoencoder data``.
-    Everything is drawn from ``seed``, the same whatever the stage.
+    tangent bases and :meth:`exact_manifold` the generator (G, or U∘G) with its exact inverse, for
+    ``--evaluation.autoencoder data``. Everything is drawn from ``seed``, the same whatever the stage.
 
     Args:
         latent_dim: k, the manifold's dimension.
-        image_size: H = W of the single-channel images.
+        image_size: Height = width of G's single-channel images.
         hidden_dim: Width of G's tanh layer (>= k).
         num_classes: C, in [2, k].
         num_train: Training samples.
         num_val: Validation samples.
         num_test: Test samples (also used for predict).
-        noise_std: Std of Gaussian pixel noise added after generation (then clamped to [0, 1]);
+        noise_std: Std of Gaussian pixel noise added after generation (and embedding; then clamped to [0, 1]);
             0 keeps the data exactly on the manifold.
         batch_size: Samples per batch.
         num_workers: DataLoader worker processes; 0 loads in the main process.
@@ -54,6 +87,8 @@ class KnownManifoldDataModule(InMemorySplits):
         cache_dir: ``None``: generate in memory; a folder: keep the images there, one file per chunk of
             ``CHUNK`` samples, written atomically, so a rerun (or a killed run's rerun) makes only what is missing.
         refine_steps: Levenberg–Marquardt steps of :meth:`exact_manifold`'s encoder for images off the data.
+        ambient_size: ``None``: the images are G's. An int >= ``image_size``: G's images upsampled to
+            ``ambient_size`` x ``ambient_size`` (:class:`Embedded`), more pixels for the same k-manifold.
     """
 
     def __init__(
@@ -71,6 +106,7 @@ class KnownManifoldDataModule(InMemorySplits):
         seed: int = 0,
         cache_dir: str | None = None,
         refine_steps: int = 3,
+        ambient_size: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -90,10 +126,18 @@ class KnownManifoldDataModule(InMemorySplits):
             raise DmmError(
                 f"--data.batch_size must be >= 1 and --data.num_workers >= 0, got {batch_size} and {num_workers}."
             )
+        if ambient_size is not None and ambient_size < image_size:
+            raise DmmError(
+                f"--data.ambient_size must be >= --data.image_size={image_size} (an upsampling), or null; "
+                f"got {ambient_size}."
+            )
         self.num_classes = num_classes
-        self.input_shape = (1, image_size, image_size)
+        size = image_size if ambient_size is None else ambient_size
+        self.input_shape = (1, size, size)
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
-        self.generator = ManifoldGenerator(latent_dim, image_size, hidden_dim, seed=seed)
+        generator = ManifoldGenerator(latent_dim, image_size, hidden_dim, seed=seed)
+        # The data's generator, G or U∘G: images, tangents and the exact manifold all come from it.
+        self.generator: nn.Module = generator if ambient_size is None else Embedded(generator, ambient_size)
         # (C, k) orthonormal rows: V z ~ N(0, I_C) for z ~ N(0, I_k), so argmax(V z) is uniform over classes.
         orthogonal, _ = torch.linalg.qr(torch.randn(latent_dim, latent_dim, generator=rng_stream(seed, "known/labels")))
         self.label_map = orthogonal[:num_classes].contiguous()
@@ -117,6 +161,8 @@ class KnownManifoldDataModule(InMemorySplits):
         hp = self.hparams
         keys = ("latent_dim", "image_size", "hidden_dim", "noise_std", "seed")
         identity = {"format": FORMAT, "chunk": CHUNK, "sizes": self.sizes, **{key: hp[key] for key in keys}}
+        if hp.get("ambient_size") is not None:  # absent otherwise: caches made before the option keep their folder
+            identity["ambient_size"] = hp.ambient_size
         digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         return Path(hp.cache_dir) / f"known_manifold-{digest}"
 
@@ -177,13 +223,13 @@ class KnownManifoldDataModule(InMemorySplits):
 
     def tangent(self, split: str, indices: Tensor | Sequence[int]) -> Tensor:
         """Exact tangent bases at samples ``indices`` of ``split``: float32 (B, n, k), orthonormal columns,
-        spanning G's Jacobian at each sample's latent (n = H*W)."""
+        spanning the generator's Jacobian (G's, or U J for U∘G) at each sample's latent (n = H*W)."""
         self._check_setup()
         return tangent_basis(self.generator, self.latents[split][torch.as_tensor(indices, dtype=torch.long)])
 
     def exact_manifold(self) -> ExactManifold:
-        """G and its exact inverse over all three splits' images, as ``encoder`` and ``decoder`` (copies of G:
-        moving them to a device leaves this data module's G where it is)."""
+        """The generator (G, or U∘G) and its exact inverse over all three splits' images, as ``encoder`` and
+        ``decoder`` (copies: moving them to a device leaves this data module's generator where it is)."""
         self._check_setup()
         images = torch.cat([self.datasets[split].tensors[0].flatten(1) for split in SPLITS])  # (N, n)
         latents = torch.cat([self.latents[split] for split in SPLITS])  # (N, k)

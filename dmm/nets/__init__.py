@@ -11,13 +11,15 @@ Decoders are smooth (Softplus with a large beta rather than ReLU) because their 
 of study: a piecewise-linear decoder has a tangent space that jumps between pixels' activation regions.
 
 Modules: :mod:`~dmm.nets.small` (MNIST-sized, any shape), :mod:`~dmm.nets.cifar` (VGG),
-:mod:`~dmm.nets.imagenet` (ResNet-50, SegNet autoencoder).
+:mod:`~dmm.nets.imagenet` (ResNet-50, SegNet autoencoder), :mod:`~dmm.nets.two_layer` (the two-layer ReLU
+network of Melamed et al., with an initialisation scale).
 """
 
 from dmm.nets.cifar import VGG
 from dmm.nets.imagenet import ResNet50, SegNetDecoder, SegNetEncoder
 from dmm.nets.layers import ClassifierFactory, DecoderFactory, EncoderFactory, Shape
 from dmm.nets.small import CNN, MLP, ConvDecoder, ConvEncoder, MLPDecoder, MLPEncoder
+from dmm.nets.two_layer import TwoLayerReLU
 
 __all__ = [
     "CNN",
@@ -34,4 +36,5 @@ __all__ = [
     "SegNetDecoder",
     "SegNetEncoder",
     "Shape",
+    "TwoLayerReLU",
 ]
