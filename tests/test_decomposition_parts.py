@@ -12,7 +12,7 @@ from torch import nn
 from dmm.attacks import PGD
 from dmm.errors import DmmError
 from dmm.measures import Decomposition, Models, make_batch
-from dmm.measures.decomposition import margin_shares, margins
+from dmm.measures.parts import margin_shares, margins
 from dmm.nets import MLP, MLPDecoder, MLPEncoder
 
 SHAPE = (1, 8, 8)

@@ -50,8 +50,9 @@ from dmm.manifold import (
     tangent_subspace,
 )
 from dmm.measures.base import Batch, Measure, Models
+from dmm.measures.parts import record_parts, summarize_parts
 from dmm.measures.statistics import censored_median, paired_ratio_median, wilson
-from dmm.tensors import eval_mode, fools, fraction, norms
+from dmm.tensors import fools, fraction, norms
 
 log = logging.getLogger(__name__)
 
@@ -80,25 +81,6 @@ def partners(y: Tensor) -> tuple[Tensor, Tensor]:
             later = [j for j in mates if j > i]
             partner[i], same[i] = (later or mates)[0], True
     return partner, same
-
-
-def margins(model, x: Tensor, y: Tensor) -> Tensor:
-    """(B,) classification margin z_y − max_{j≠y} z_j of ``model`` at x: positive exactly when correct."""
-    with torch.no_grad(), eval_mode(model):
-        logits = model(x)
-    z_y = logits.gather(1, y[:, None]).squeeze(1)
-    return z_y - logits.scatter(1, y[:, None], -math.inf).amax(dim=1)
-
-
-def margin_shares(model, x: Tensor, y: Tensor, part_a: Tensor, part_b: Tensor) -> tuple[Tensor, Tensor]:
-    """Each part's share of the margin drop of the whole: (m(x) − m(x + part)) / (m(x) − m(x + a + b)), (B,)
-    each (NaN where the whole perturbation does not lower the margin). The parts are not clamped, so that
-    they add up to the whole; the shares then add to 1 for a model linear in between (two classes), and their
-    sum's distance from 1 measures the interaction."""
-    base = margins(model, x, y)
-    drop = base - margins(model, x + part_a + part_b, y)
-    drop = torch.where(drop > 0, drop, torch.full_like(drop, math.nan))
-    return (base - margins(model, x + part_a, y)) / drop, (base - margins(model, x + part_b, y)) / drop
 
 
 class Decomposition(Measure):
@@ -262,12 +244,12 @@ class Decomposition(Measure):
         splits = {("on", "off"): tangent} | (
             {("random", "random_off"): spaces["random"]} if "random" in self.arms else {}
         )
-        self._parts(out, "", f, x, y, d, correct, splits)
+        record_parts(out, "", f, x, y, d, correct, splits)
         if self.full_budget_parts:
             budget = self.attack.replace(early_stop=False)(f, x, y) - x
             out["budget_fools"] = fools(f, x + budget, y) & correct
             out["budget_on_fraction"] = fraction(tangent.split(budget)[0], budget)
-            self._parts(out, "budget_", f, x, y, budget, correct, splits)
+            record_parts(out, "budget_", f, x, y, budget, correct, splits)
         for arm in self.arms[1:]:
             out[f"leak_{arm}"] = fraction(spaces[arm].split(perturbations[arm])[1], perturbations[arm])
         out["recon_error"] = recon_error
@@ -292,18 +274,6 @@ class Decomposition(Measure):
             angles = torch.rad2deg(principal_angles(wide, narrow))  # (B, min(k, k_exact)), ascending
             out["exact_angle_mean"], out["exact_angle_max"] = angles.mean(dim=1), angles[:, -1]
         return out
-
-    @staticmethod
-    def _parts(out: dict, prefix: str, f, x: Tensor, y: Tensor, d: Tensor, correct: Tensor, splits: dict) -> None:
-        """For each (inside, outside) name pair of ``splits`` and its subspace: whether d's part in it and the
-        rest alone fool f (clamped to the box), ``{prefix}{name}_part_fools``, and their shares of the margin
-        drop, ``{prefix}{name}_margin_share``."""
-        for (inside, outside), space in splits.items():
-            parts = dict(zip((inside, outside), space.split(d), strict=True))
-            for name, part in parts.items():
-                out[f"{prefix}{name}_part_fools"] = fools(f, (x + part).clamp(0, 1), y) & correct
-            shares = margin_shares(f, x, y, parts[inside], parts[outside])
-            out[f"{prefix}{inside}_margin_share"], out[f"{prefix}{outside}_margin_share"] = shares
 
     @staticmethod
     def _warn_unconverged(tangent: MatrixFreeTangent, count: int) -> None:
@@ -354,27 +324,16 @@ class Decomposition(Measure):
             s[f"{key}_mean"] = values.mean().item() if values.numel() else math.nan
             s[f"{key}_median"] = values.median().item() if values.numel() else math.nan
         parts = [p for p in ("on", "off", "random", "random_off") if f"{p}_part_fools" in records]
-        self._summarize_parts(s, records, "", ok, parts)
+        summarize_parts(s, records, "", ok, parts)
         if "budget_fools" in records:  # over the images the full-budget attack fooled
             hit = records["budget_fools"]
             s["budget/success_rate"] = (hit.sum() / correct.sum().clamp_min(1)).item()
             s["budget/on_fraction_median"] = (
                 records["budget_on_fraction"][hit].median().item() if hit.any() else math.nan
             )
-            self._summarize_parts(s, records, "budget_", hit, parts)
+            summarize_parts(s, records, "budget_", hit, parts)
         needed = records[f"full_{self.attack.norm}"]
         for eps in self.eps_curve:
             fooled = ok & (needed <= eps + 1e-6)
             s[f"robust_acc@{eps:g}"] = (correct & ~fooled).float().mean().item()
         return s
-
-    @staticmethod
-    def _summarize_parts(s: dict, records: dict, prefix: str, among: Tensor, parts: list[str]) -> None:
-        """Rates of the parts fooling alone and median margin shares over ``among`` (``budget/`` for the
-        full-budget perturbation)."""
-        label = "budget/" if prefix else ""
-        for part in parts:
-            fooled, share = records[f"{prefix}{part}_part_fools"], records.get(f"{prefix}{part}_margin_share")
-            s[f"{label}{part}_part_fools_rate"] = fooled[among].float().mean().item() if among.any() else math.nan
-            if share is not None:
-                s[f"{label}{part}_margin_share_median"] = share[among].median().item() if among.any() else math.nan
