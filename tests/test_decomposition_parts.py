@@ -63,7 +63,7 @@ def test_full_budget_parts_are_recorded_and_summarised() -> None:
 
 
 def test_partners_are_other_images_of_the_same_class() -> None:
-    from dmm.measures.decomposition import partners
+    from dmm.measures.partners import partners
 
     y = torch.tensor([0, 1, 0, 2, 1, 0])
     partner, same = partners(y)

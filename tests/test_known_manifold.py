@@ -91,6 +91,13 @@ def test_labels_are_argmax_of_an_orthonormal_map_so_classes_are_balanced() -> No
     torch.testing.assert_close(shares, torch.full((10,), 0.1), atol=0.01, rtol=0)
 
 
+def finite_difference_basis(generator, z: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
+    """Orthonormal (B, n, k) basis of the central differences of a float64 generator at latents z (B, k)."""
+    columns = [(generator(z + h * e) - generator(z - h * e)).flatten(1) / (2 * h)
+               for e in torch.eye(z.shape[1], dtype=torch.float64)]  # fmt: skip
+    return torch.linalg.qr(torch.stack(columns, dim=2))[0]
+
+
 def test_tangent_matches_finite_differences_of_the_generator_in_float64() -> None:
     data = tiny()
     indices = [0, 5, 17, 31]
@@ -99,11 +106,7 @@ def test_tangent_matches_finite_differences_of_the_generator_in_float64() -> Non
     torch.testing.assert_close(basis.mT @ basis, torch.eye(3).expand(4, 3, 3), atol=1e-5, rtol=0)
     # Independent reference: central differences of a float64 copy of G, orthonormalised by QR.
     g64, z = copy.deepcopy(data.generator).double(), data.latents["val"][indices].double()
-    h = 1e-6
-    columns = [
-        (g64(z + h * e) - g64(z - h * e)).flatten(1) / (2 * h) for e in torch.eye(3, dtype=torch.float64)
-    ]  # k x (B, n)
-    reference, _ = torch.linalg.qr(torch.stack(columns, dim=2))
+    reference = finite_difference_basis(g64, z)
     angles = principal_angles(reference, basis.double())
     assert angles.max() < 1e-4, angles
     # And the images are G of the latents: the data lie exactly on the manifold.
@@ -334,11 +337,7 @@ def test_ambient_tangent_matches_finite_differences_of_the_embedded_generator_in
     torch.testing.assert_close(basis.mT @ basis, torch.eye(3).expand(4, 3, 3), atol=1e-5, rtol=0)
     # Independent reference: central differences of a float64 copy of U∘G, orthonormalised by QR.
     g64, z = copy.deepcopy(data.generator).double(), data.latents["val"][indices].double()
-    h = 1e-6
-    columns = [
-        (g64(z + h * e) - g64(z - h * e)).flatten(1) / (2 * h) for e in torch.eye(3, dtype=torch.float64)
-    ]  # k x (B, n)
-    reference, _ = torch.linalg.qr(torch.stack(columns, dim=2))
+    reference = finite_difference_basis(g64, z)
     angles = principal_angles(reference, basis.double())
     assert angles.max() < 1e-4, angles
     # The same space as U applied to G's own tangent space: span(U J) = span(U Q).

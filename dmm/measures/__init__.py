@@ -3,13 +3,15 @@ per-image records, ``summarize(records)`` -> figures. :class:`dmm.callbacks.Eval
 
 =============  ===========================================================================================
 base           :class:`Measure`, the :class:`Models` and :class:`Batch` it is given, per-image seeds
-decomposition  the DMM decomposition: attacks per arm (tangent, complement, random and support nulls)
+decomposition  the DMM decomposition: attacks per arm (tangent, complement, random, support, other-image nulls)
+parts          what a perturbation's parts do alone: margins, margin shares, their records and summary
+partners       the other-image null's partners, chosen from the whole subset
 detection      off-manifold detection with its equal-norm noise control, and project-then-classify
 geometry       input-gradient alignment and boundary distances along and across the tangent space
 robustness     fixed-budget robust accuracy (APGD-CE/DLR via adv-lib, or PGD), convergence, FMN distances
 smoothness     attack-free on/off-manifold robustness: softmax change under random tangent/normal noise
 adaptive       adaptive attacks on project-then-classify (BPDA, latent, transfer) and on the detector
-checks         model checks before any attack (logits, determinism, vanishing gradients, FGM vs PGD)
+checks         model checks before any attack (logits, determinism, gradients, FGM vs PGD, noise vs PGD)
 statistics     censored medians, survival curves, paired ratios, Wilson intervals, rank AUROC
 =============  ===========================================================================================
 """

@@ -28,7 +28,6 @@ For images x with labels y, a classifier f and an autoencoder's encoder E and de
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from typing import Literal
@@ -50,6 +49,7 @@ from dmm.manifold import (
     tangent_subspace,
 )
 from dmm.measures.base import Batch, Measure, Models
+from dmm.measures.partners import PartnerPool
 from dmm.measures.parts import record_parts, summarize_parts
 from dmm.measures.statistics import censored_median, paired_ratio_median, wilson
 from dmm.tensors import fools, fraction, norms
@@ -64,25 +64,6 @@ PAIRS = (("on", "full"), ("off", "full"), ("random", "full"), ("random_off", "fu
 """Paired norm ratios numerator/denominator, over the images both arms fooled (when both arms ran)."""
 
 
-def partners(y: Tensor) -> tuple[Tensor, Tensor]:
-    """For each image, another image of the same class: the next one in order, cyclically.
-
-    Returns (partner (B,) int64, same_class (B,) bool); an image alone in its class gets the next image of any
-    class (``same_class`` False). :meth:`Decomposition.prepare` applies it to the whole evaluated subset, so
-    an image's partner does not depend on its batch or process.
-    """
-    batch = len(y)
-    partner = (torch.arange(batch, device=y.device) + 1) % max(batch, 1)
-    same = torch.zeros(batch, dtype=torch.bool, device=y.device)
-    for i in range(batch):
-        mates = ((y == y[i]).nonzero().squeeze(1)).tolist()
-        mates = [j for j in mates if j != i]
-        if mates:
-            later = [j for j in mates if j > i]
-            partner[i], same[i] = (later or mates)[0], True
-    return partner, same
-
-
 class Decomposition(Measure):
     """Attack per arm, split the unconstrained perturbation into on/off-manifold parts, compare with the nulls.
 
@@ -91,7 +72,7 @@ class Decomposition(Measure):
             L2 only for the restricted arms (see :class:`dmm.attacks.PGD`).
         nulls: the null models whose arms run next to on/off: "random" (a random subspace and its complement)
             "support" (a random subspace of the image's active pixels and its complement) and "other" (the
-            tangent space at another image of the same class in the batch, see :func:`partners`). L∞ attacks run
+            tangent space at another image of the same class in the subset, see :class:`PartnerPool`). L∞ attacks run
             the unconstrained arm alone: a restricted steepest L∞ step is a linear programme (see
             :class:`dmm.attacks.PGD`); the L∞ perturbation is still split.
         eps_curve: budgets at which robust accuracy is read off the early-stopped unconstrained run (an upper
@@ -138,29 +119,15 @@ class Decomposition(Measure):
         self.eps_curve = sorted(float(e) for e in eps_curve)
         self.support_threshold, self.support_dilation = support_threshold, support_dilation
         self.full_budget_parts, self.latent_steps = full_budget_parts, latent_steps
-        self._partners: dict[int, tuple[Tensor, bool]] | None = None
-        self._pool = ""
+        self._partners = PartnerPool()
 
     @property
     def needs_subset(self) -> bool:
         return "other" in self.arms
 
     def prepare(self, x: Tensor, y: Tensor, index: Tensor) -> None:
-        """Pick each image's partner for the ``other`` null from the whole subset x (N, C, H, W), labels y (N,),
-        dataset indices (N,): the next image of its class in subset order (see :func:`partners`)."""
-        partner, same = partners(y)
-        self._partners = {int(i): (x[int(p)].cpu(), bool(s)) for i, p, s in zip(index, partner, same, strict=True)}
-        self._pool = hashlib.sha256(index.cpu().numpy().tobytes()).hexdigest()[:16]
-
-    def _partner_images(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        if self._partners is None:
-            raise DmmError("the other-image null needs Decomposition.prepare(x, y, index) with the whole subset")
-        missing = [int(i) for i in batch.index if int(i) not in self._partners]
-        if missing:
-            raise DmmError(f"images {missing[:5]} were not in the subset given to Decomposition.prepare")
-        pairs = [self._partners[int(i)] for i in batch.index]
-        images = torch.stack([p for p, _ in pairs]).to(device=batch.x.device, dtype=batch.x.dtype)
-        return images, torch.tensor([s for _, s in pairs], device=batch.x.device)
+        """Pick each image's partner for the ``other`` null from the whole subset (see :class:`PartnerPool`)."""
+        self._partners.prepare(x, y, index)
 
     def settings(self) -> dict:
         return {
@@ -171,7 +138,7 @@ class Decomposition(Measure):
             "support_dilation": self.support_dilation,
             "full_budget_parts": self.full_budget_parts,
             **({"latent_steps": self.latent_steps} if self.latent_steps else {}),
-            **({"other_pool": self._pool} if self.needs_subset else {}),
+            **({"other_pool": self._partners.digest} if self.needs_subset else {}),
         }
 
     def latents(self, models: Models, x: Tensor) -> Tensor:
@@ -201,7 +168,7 @@ class Decomposition(Measure):
                 spaces["support"] = Subspace(support_basis(mask, k, generator=batch.generators, dtype=x.dtype))
                 spaces["support_off"] = spaces["support"].complement()
             if {"other", "other_off"} & set(self.arms):
-                partner_z = self.latents(models, self._partner_images(batch)[0])
+                partner_z = self.latents(models, self._partners.images(batch))
                 spaces["other"] = Subspace(tangent_subspace(models.decoder, partner_z, x[0].numel())[0].basis)
                 spaces["other_off"] = spaces["other"].complement()
         return spaces, condition, z, random
@@ -254,7 +221,7 @@ class Decomposition(Measure):
             out[f"leak_{arm}"] = fraction(spaces[arm].split(perturbations[arm])[1], perturbations[arm])
         out["recon_error"] = recon_error
         if "other" in self.arms:
-            out["other_same_class"] = self._partner_images(batch)[1]
+            out["other_same_class"] = self._partners.same_class(batch)
         if models.exact is not None:
             out |= self._against_exact(models, x, tangent, d)
         out["_images"] = torch.stack([x, x + d, d, d_on, d_off], dim=1)
