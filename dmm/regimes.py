@@ -11,8 +11,10 @@ For each point it runs ``dmm fit`` of ``--classifier-config`` with that ``init_s
 ``--evaluation.autoencoder data``). Everything after ``--`` goes to every ``dmm test``, ``--fit-args`` to every
 ``dmm fit``. Each step runs in this process in a fixed folder under ``--out`` (``fit-s<scale>-wd<decay>/``,
 ``test-s<scale>-wd<decay>/``) and leaves a ``done`` file when it finished, so a rerun with the same arguments
-redoes only the unfinished steps (a half-written folder is removed and run again). Then it writes
-``regimes.json`` (one row per point: accuracy, gradient shares, boundary distances) and ``regimes.png``.
+redoes only the unfinished steps (a half-written folder is removed and run again). ``--seeds`` repeats every point
+with each training seed (``--seed_everything``; folders ``...-seed<s>``). Then it writes ``regimes.json`` (one row
+per run: accuracy, gradient shares, boundary distances; and per grid point the mean over seeds with its t-interval)
+and ``regimes.png`` (the mean over seeds, with the seeds' t-interval as error bars when there are several).
 """
 
 from __future__ import annotations
@@ -28,25 +30,16 @@ from pathlib import Path
 import torch
 
 from dmm.callbacks.evaluation import finite_or_none
-from dmm.cli import main as dmm_main
 from dmm.errors import DmmError
 from dmm.io import atomic_write
 from dmm.measures.geometry import ARMS, GRADIENTS
-from dmm.steps import resumable_step
+from dmm.report.seeds import seed_interval
+from dmm.steps import in_process, resumable_step
 
 log = logging.getLogger("dmm.regimes")
 
 INIT_SCALE = "--model.init_args.network.init_args.init_scale"
 WEIGHT_DECAY = "--model.init_args.optimizer.init_args.weight_decay"
-
-
-def _in_process(args: list[str]) -> int:
-    """``dmm <args>`` in this process (the exit status of a one-line ``dmm: error:``, 0 when it finished)."""
-    try:
-        dmm_main(args)
-    except SystemExit as exit_info:  # a one-line `dmm: error:` (status 2), already on stderr
-        return int(exit_info.code or 0)
-    return 0
 
 
 def point(test_folder: Path) -> dict[str, float]:
@@ -74,25 +67,56 @@ def point(test_folder: Path) -> dict[str, float]:
     return row
 
 
-def plot(points: list[dict], path: Path) -> None:
-    """``path``: the off-subspace squared share of the CE gradient vs init scale, one line per weight decay."""
+POOLED = (
+    "accuracy",
+    "grad_on/ce",
+    "grad_off_squared/ce",
+    "grad_off_squared_random/ce",
+    "grad_off_squared/margin",
+    *(f"distance/{arm}/median" for arm in ARMS),
+)
+"""The figures of a grid point pooled over its seeds (mean and t-interval) in ``regimes.json``'s ``grid``."""
+
+
+def pooled(points: list[dict]) -> list[dict]:
+    """One row per (init scale, weight decay): each :data:`POOLED` figure's mean over the seeds with its t-interval
+    (:func:`dmm.report.seeds.seed_interval`; undefined, NaN, when a seed's median is censored)."""
+    grid = list(dict.fromkeys((p["init_scale"], p["weight_decay"]) for p in points))
+    rows = []
+    for scale, decay in grid:
+        runs = [p for p in points if (p["init_scale"], p["weight_decay"]) == (scale, decay)]
+        figures = {key: seed_interval([r[key] for r in runs]) for key in POOLED if all(key in r for r in runs)}
+        rows.append({"init_scale": scale, "weight_decay": decay, "seeds": [r["seed"] for r in runs], **figures})
+    return rows
+
+
+def plot(grid: list[dict], path: Path) -> None:
+    """``path``: the off-subspace squared share of the CE gradient vs init scale, one line per weight decay (mean over
+    seeds; error bars: the seeds' t-interval, when there are several)."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(5.5, 4), layout="constrained")
     axes = figure.add_subplot()
-    for decay in sorted({p["weight_decay"] for p in points}):
-        line = sorted((p["init_scale"], p["grad_off_squared/ce"]) for p in points if p["weight_decay"] == decay)
-        axes.plot(*zip(*line, strict=True), marker="o", label=f"weight decay {decay:g}")
-    null = sum(p["grad_off_squared_random/ce"] for p in points) / len(points)
+    for decay in sorted({g["weight_decay"] for g in grid}):
+        line = sorted((g["init_scale"], g["grad_off_squared/ce"]) for g in grid if g["weight_decay"] == decay)
+        scales, figures = [s for s, _ in line], [f for _, f in line]
+        means = [f["value"] for f in figures]
+        errors = [[m - f["ci"][0] for m, f in zip(means, figures, strict=True)],
+                  [f["ci"][1] - m for m, f in zip(means, figures, strict=True)]]  # fmt: skip
+        has_ci = all(math.isfinite(e) for side in errors for e in side)
+        axes.errorbar(scales, means, yerr=errors if has_ci else None, marker="o", capsize=3,
+                      label=f"weight decay {decay:g}")  # fmt: skip
+    null = sum(g["grad_off_squared_random/ce"]["value"] for g in grid) / len(grid)
     axes.axhline(null, color="gray", linestyle="--", label="random k-dim subspace")
-    axes.set(xscale="log", xlabel="init scale", ylim=(0, 1.02), title="Two-layer ReLU net on a linear subspace")
+    seeds = max(len(g["seeds"]) for g in grid)
+    axes.set(xscale="log", xlabel="init scale", ylim=(0, 1.02), title=f"Two-layer ReLU net ({seeds} seed(s) a point)")
     axes.set_ylabel(r"off-subspace share of $\|\nabla_x \mathrm{CE}\|^2$  (1 - on$^2$)")
     axes.legend()
     atomic_write(path, lambda p: figure.savefig(p, format="png", dpi=100))
 
 
-def _name(scale: float, decay: float) -> str:
-    return f"s{scale:g}-wd{decay:g}"
+def _name(scale: float, decay: float, seed: int) -> str:
+    return f"s{scale:g}-wd{decay:g}-seed{seed}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,32 +129,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--geometry-config", default="configs/linear_subspace/geometry.yaml")
     parser.add_argument("--init-scales", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     parser.add_argument("--weight-decays", type=float, nargs="+", default=[0.0, 0.01, 0.1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of every grid point")
     parser.add_argument("--fit-args", default="", help='more arguments of every `dmm fit`, one string: "--a 1 --b 2"')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out, quiet = Path(args.out), ["--trainer.enable_progress_bar", "false"]
-    grid = [(scale, decay) for scale in args.init_scales for decay in args.weight_decays]
+    grid = [(sc, wd, seed) for sc in args.init_scales for wd in args.weight_decays for seed in args.seeds]
     try:
         if min(args.init_scales) <= 0 or min(args.weight_decays) < 0:
             raise DmmError("--init-scales must be > 0 and --weight-decays >= 0")
         if len({_name(*p) for p in grid}) < len(grid):
-            raise DmmError("--init-scales and --weight-decays must be distinct values")
+            raise DmmError("--init-scales, --weight-decays and --seeds must be distinct values")
         points = []
-        for scale, decay in grid:
-            fit, test = out / f"fit-{_name(scale, decay)}", out / f"test-{_name(scale, decay)}"
+        for scale, decay, seed in grid:
+            fit, test = out / f"fit-{_name(scale, decay, seed)}", out / f"test-{_name(scale, decay, seed)}"
             fit_args = ["fit", "--config", args.classifier_config, INIT_SCALE, str(scale), WEIGHT_DECAY, str(decay),
+                        "--seed_everything", str(seed),
                         "--evaluation.during_fit", "false", *quiet, *shlex.split(args.fit_args)]  # fmt: skip
-            resumable_step(fit, fit_args, run=_in_process)
+            resumable_step(fit, fit_args, run=in_process)
             checkpoint = fit / "checkpoints" / "last.ckpt"  # the net at the end of training, whatever val/acc did
             test_args = ["test", "--config", args.geometry_config, "--ckpt_path", str(checkpoint), *quiet, *extra]
-            resumable_step(test, test_args, run=_in_process)
+            resumable_step(test, test_args, run=in_process)
             names = {"fit": fit.name, "test": test.name}
-            points.append({"init_scale": scale, "weight_decay": decay, **names, **point(test)})
+            points.append({"init_scale": scale, "weight_decay": decay, "seed": seed, **names, **point(test)})
         table = {"classifier_config": args.classifier_config, "geometry_config": args.geometry_config,
-                 "fit_args": args.fit_args, "test_args": extra, "points": points}  # fmt: skip
+                 "fit_args": args.fit_args, "test_args": extra, "points": points, "grid": pooled(points)}  # fmt: skip
         text = json.dumps(finite_or_none(table), indent=2, allow_nan=False)
         atomic_write(out / "regimes.json", lambda p: p.write_text(text))
-        plot(points, out / "regimes.png")
+        plot(table["grid"], out / "regimes.png")
         log.info("wrote %s and %s", out / "regimes.json", out / "regimes.png")
     except DmmError as error:
         sys.stderr.write(f"dmm regimes: error: {error}\n")

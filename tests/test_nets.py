@@ -31,6 +31,22 @@ def test_small_classifiers_follow_the_factory_convention(name):
     assert net(torch.rand(2, 3, 32, 32)).shape == (2, 7)
 
 
+def test_cnn_pooling_fixes_the_parameter_count_and_is_the_identity_where_maps_already_fit():
+    sizes = {n: sum(p.numel() for p in dmm.nets.CNN((1, n, n), 10, pool=4).parameters()) for n in (16, 28, 56)}
+    assert len(set(sizes.values())) == 1  # unpooled, the dense layer grows 16x from 16x16 to 56x56 inputs
+    assert sum(p.numel() for p in dmm.nets.CNN((1, 56, 56), 10).parameters()) > 10 * sizes[56]
+    torch.manual_seed(0)
+    plain = dmm.nets.CNN((1, 16, 16), 10).eval()
+    pooled = dmm.nets.CNN((1, 16, 16), 10, pool=4).eval()
+    pooled.load_state_dict(plain.state_dict())  # same parameters: the 4x4 maps of a 16x16 input pool to themselves
+    x = torch.rand(3, 1, 16, 16)
+    torch.testing.assert_close(pooled(x), plain(x))
+    glob = dmm.nets.CNN((1, 28, 28), 10, pool=1).eval()  # global average pooling: 64 channel means
+    assert glob.head[1].in_features == 64
+    with pytest.raises(DmmError, match="pool must be >= 1"):
+        dmm.nets.CNN((1, 28, 28), 10, pool=0)
+
+
 def test_vgg_is_the_replications_cifar_network():
     net = VGG((3, 32, 32), 10)
     convs = [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)]

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from dmm.errors import DmmError
 from dmm.nets.layers import Shape, smooth
 
 
@@ -47,6 +48,9 @@ class CNN(nn.Module):
         channels: output channels of the two conv blocks.
         hidden: width of the dense layer.
         dropout: dropout probability before the last layer.
+        pool: average-pool the last feature maps to ``pool`` x ``pool`` (1: global average pooling) before the
+            dense layer, so the parameter count no longer depends on the image size; None (default) flattens the
+            maps as they are. Where the maps already are ``pool`` x ``pool`` the pooling is the identity.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class CNN(nn.Module):
         channels: Sequence[int] = (32, 64),
         hidden: int = 128,
         dropout: float = 0.25,
+        pool: int | None = None,
     ) -> None:
         super().__init__()
         c, h, w = input_shape
@@ -63,6 +68,11 @@ class CNN(nn.Module):
         for out in channels:
             blocks += [nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]
             c, h, w = out, h // 2, w // 2
+        if pool is not None:
+            if pool < 1:
+                raise DmmError(f"CNN's pool must be >= 1 (or null for no pooling), got {pool}")
+            blocks.append(nn.AdaptiveAvgPool2d(pool))
+            h = w = pool
         self.features = nn.Sequential(*blocks)
         self.head = nn.Sequential(
             nn.Flatten(),
