@@ -36,7 +36,7 @@ from dmm.callbacks.evaluation import finite_or_none
 from dmm.errors import DmmError
 from dmm.io import atomic_write
 from dmm.models.loading import best_checkpoint
-from dmm.report.seeds import crossed_interval, seed_interval
+from dmm.report.seeds import bounded, crossed_interval, seed_interval
 from dmm.report.text import estimate, table
 from dmm.steps import in_process, resumable_step, step_seconds
 
@@ -64,6 +64,12 @@ LEARNED_ONLY = {
 DECOMPOSITION = ["clean_acc", "full/l2_needed_median", *INSTRUMENT, "random_fraction_mean"]
 GEOMETRY = ["accuracy", "grad_on/ce", "grad_random/ce", "grad_on/margin", "grad_random/margin"]
 PERCENT = {"on/success_rate", "budget/on_part_fools_rate", "clean_acc", "accuracy"}
+BOUNDED = PERCENT | {"on_fraction_mean", "exact_on_fraction_mean", "random_fraction_mean", *GEOMETRY[1:]}
+"""Figures in [0, 1] (rates, fractions, shares): their seed intervals are clipped to it (:func:`bounded`)."""
+
+
+def _clip(key: str, interval: dict) -> dict:
+    return bounded(interval) if key in BOUNDED else interval
 
 
 def summary(folder: Path, measure: str) -> dict[str, float]:
@@ -84,19 +90,19 @@ def instrument(exact: dict[str, dict], learned: dict[tuple[str, str], dict]) -> 
     out = {}
     for key in INSTRUMENT:
         out[key] = {
-            "exact": seed_interval([exact[c][key] for c in exact]),
-            "learned": crossed_interval({pair: s[key] for pair, s in learned.items()}),
+            "exact": _clip(key, seed_interval([exact[c][key] for c in exact])),
+            "learned": _clip(key, crossed_interval({pair: s[key] for pair, s in learned.items()})),
             "difference": crossed_interval({(c, a): s[key] - exact[c][key] for (c, a), s in learned.items()}),
         }
     for key in LEARNED_ONLY:
-        out[key] = {"learned": crossed_interval({pair: s[key] for pair, s in learned.items()})}
+        out[key] = {"learned": _clip(key, crossed_interval({pair: s[key] for pair, s in learned.items()}))}
     return out
 
 
 def per_seed(summaries: dict[str, dict], keys: list[str]) -> dict:
-    """Each key's mean over the seeds' summaries with its t-interval."""
+    """Each key's mean over the seeds' summaries with its t-interval (clipped to [0, 1] for rates and shares)."""
     runs = list(summaries.values())
-    return {key: seed_interval([s[key] for s in runs]) for key in keys if all(key in s for s in runs)}
+    return {key: _clip(key, seed_interval([s[key] for s in runs])) for key in keys if all(key in s for s in runs)}
 
 
 def smoothness_keys(summaries: dict[str, dict]) -> list[str]:

@@ -16,6 +16,7 @@ from PIL import Image
 from dmm.errors import DmmError
 from dmm.io import atomic_write
 from dmm.report import load_run, main, markdown_table, seed_interval
+from dmm.report.seeds import bounded
 
 ARMS = ["full", "on", "off", "random", "random_off"]
 SETTINGS = {"eps": 2.0, "norm": "l2", "steps": 40, "step_size": None, "clamp": True, "early_stop": True}
@@ -183,7 +184,8 @@ def test_runs_of_one_experiment_give_seed_level_intervals(tmp_path: Path) -> Non
     pooled = group["figures"]["full: success rate"]
     mean, half = statistics.fmean(rates), 4.302652729911275 * statistics.stdev(rates) / math.sqrt(3)  # t(0.975, 2)
     assert pooled["per_run"] == rates and pooled["value"] == pytest.approx(mean)
-    assert pooled["ci"] == pytest.approx([mean - half, mean + half])
+    assert pooled["ci"] == pytest.approx([max(mean - half, 0), min(mean + half, 1)]) and pooled["bounds"] == [0, 1]
+    assert "bounds" not in group["figures"]["ratio on/full"]  # a ratio has no upper bound
     assert group["figures"]["on: censored median norm"]["undefined"] == 3  # "> eps" in every run: no mean
     assert "4 runs entered this report" in markdown and "**Group 1**: 3 runs" in markdown
 
@@ -205,7 +207,7 @@ def test_crossed_classifiers_and_autoencoders_give_a_two_way_interval(tmp_path: 
     assert group["design"] == "crossed" and (group["classifiers"], group["autoencoders"]) == (2, 2)
     rates = [r["figures"]["attacks"]["random"]["success_rate"]["value"] for r in report["runs"]]
     assert rates[0] == rates[1] != rates[2] == rates[3]  # a random subspace does not see the autoencoder
-    pooled, one_way = group["figures"]["random: success rate"], seed_interval(rates[::2])  # over the classifiers
+    pooled, one_way = group["figures"]["random: success rate"], bounded(seed_interval(rates[::2]))  # classifiers
     assert pooled["value"] == pytest.approx(one_way["value"]) and pooled["ci"] == pytest.approx(one_way["ci"])
     assert pooled["df"] == pytest.approx(1) and pooled["per_run"] == rates
     assert 1 <= group["figures"]["on-fraction mean"]["df"] <= 2  # both factors vary: Satterthwaite df

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dmm.report.seeds import (
+    bounded,
     crossed_interval,
     crossed_shape,
     regularized_beta,
@@ -161,3 +162,12 @@ def test_crossed_interval_covers_where_the_naive_one_does_not() -> None:
     assert crossed >= 0.93 and naive < 0.9
     crossed, naive = _coverage(1.0, 0.0, 0.0)  # figures that do not depend on the autoencoder
     assert crossed >= 0.94 and naive < 0.93
+
+
+def test_a_rate_near_100_percent_keeps_its_interval_inside_0_1() -> None:
+    runs = seed_interval([0.99, 1.0, 1.0])
+    assert runs["ci"][1] > 1  # the symmetric t-interval passes 100 %
+    clipped = bounded(runs)
+    assert clipped["ci"] == [pytest.approx(runs["ci"][0]), 1.0] and clipped["value"] == runs["value"]
+    assert bounded(seed_interval([0.0, 0.01, 0.0]))["ci"][0] == 0.0
+    assert math.isnan(bounded(seed_interval([0.5]))["ci"][0])  # one run: no interval, still none

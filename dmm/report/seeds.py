@@ -166,6 +166,21 @@ def crossed_interval(table: dict[tuple[str, str], float], level: float = LEVEL) 
     return out
 
 
+def bounded(interval: dict, low: float = 0.0, high: float = 1.0) -> dict:
+    """The interval of a figure that cannot leave [low, high] (a rate, a share), its ends clipped to that range.
+
+    A t-interval is symmetric, so runs near 100 % give an upper end past it ([99.6, 100.2] %): clipping keeps every
+    value the parameter can take, so the coverage is unchanged. Records the range as ``"bounds"``.
+    """
+    ci = [min(max(v, low), high) if math.isfinite(v) else v for v in interval["ci"]]
+    return interval | {"ci": ci, "bounds": [low, high]}
+
+
+def is_bounded(name: str) -> bool:
+    """Whether a headline figure (:func:`headline_figures`' name) lies in [0, 1]: rates, accuracies, fractions."""
+    return name.endswith("success rate") or name == "clean accuracy" or "fraction" in name
+
+
 def headline_figures(entry: dict) -> dict[str, float]:
     """The figures of one run that are pooled over runs, by a readable name (same names for every run)."""
     fig = entry["figures"]
@@ -232,5 +247,6 @@ def seed_groups(entries: list[dict], level: float = LEVEL) -> list[dict]:
         else:
             group["design"] = "independent runs"
             group["figures"] = {n: seed_interval([f[n] for f in per_run], level) for n in names}
+        group["figures"] = {n: bounded(f) if is_bounded(n) else f for n, f in group["figures"].items()}
         out.append(group)
     return out
