@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from cli_runs import fit, run
 
 from dmm.callbacks.batches import module_digest
@@ -399,3 +400,26 @@ def test_ambient_fit_and_exact_decomposition_through_the_cli(tmp_path: Path) -> 
     samples = torch.load(folder / "decomposition" / "test-epoch0-samples.pt", weights_only=True)
     assert samples["recon_error"].max() < 1e-5  # the embedded images lie on the embedded manifold
     assert torch.isfinite(samples["tangent_condition"]).all() and (samples["tangent_condition"] >= 1).all()
+
+
+def test_the_two_layer_regime_configs_agree_and_a_point_fits_and_measures_through_the_cli(tmp_path: Path) -> None:
+    classifier = yaml.safe_load((CONFIGS / "two_layer.yaml").read_text())
+    geometry = yaml.safe_load((CONFIGS / "two_layer_geometry.yaml").read_text())
+    for key in ("network", "mean", "std"):
+        assert classifier["model"]["init_args"][key] == geometry["model"]["init_args"][key], key
+    assert classifier["evaluation"]["measure"] == geometry["evaluation"]["measure"]
+    assert classifier["evaluation"]["every_n_epochs"] == classifier["trainer"]["max_epochs"]  # once, at the end
+    data = [f"--data.{key}={value}" for key, value in TINY.items()]
+    quiet = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    cheap = ["--evaluation.num_images=8", "--evaluation.checks=false", "--evaluation.measure.attack.steps=5"]
+    checkpoint = fit(CONFIGS / "two_layer.yaml", tmp_path / "clf", *data, *quiet, *cheap, "--trainer.max_epochs=1",
+                     "--evaluation.every_n_epochs=1", "--model.init_args.network.init_args.init_scale=0.1",
+                     "--model.init_args.optimizer.init_args.weight_decay=0.01")  # fmt: skip
+    fitted = json.loads((checkpoint.parents[1] / "geometry" / "val-epoch0.json").read_text())
+    assert fitted["autoencoder"] == "data" and "grad_on/ce" in fitted["summary"]  # the regimes sweep's metric
+    root = tmp_path / "test"
+    run("test", "--config", str(CONFIGS / "two_layer_geometry.yaml"), *data, *quiet, *cheap,
+        "--ckpt_path", str(checkpoint), "--trainer.default_root_dir", str(root))  # fmt: skip
+    (folder,) = root.iterdir()
+    result = json.loads((folder / "geometry" / "test-epoch0.json").read_text())
+    assert 0 <= result["summary"]["grad_on/ce"] <= 1 and result["latent_dim"] == 3
