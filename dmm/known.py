@@ -62,6 +62,11 @@ LEARNED_ONLY = {
 }
 """Figures only a learned autoencoder has: how far its tangents and images are from the true ones."""
 DECOMPOSITION = ["clean_acc", "full/l2_needed_median", *INSTRUMENT, "random_fraction_mean"]
+NAMES = INSTRUMENT | {
+    "clean_acc": "test accuracy (the measured images)",
+    "full/l2_needed_median": "unconstrained norm needed (censored median)",
+    "random_fraction_mean": "on-fraction of d in a random k-dim subspace (the null)",
+}
 GEOMETRY = ["accuracy", "grad_on/ce", "grad_random/ce", "grad_on/margin", "grad_random/margin"]
 PERCENT = {"on/success_rate", "budget/on_part_fools_rate", "clean_acc", "accuracy"}
 BOUNDED = PERCENT | {"on_fraction_mean", "exact_on_fraction_mean", "random_fraction_mean", *GEOMETRY[1:]}
@@ -115,6 +120,8 @@ def _cell(section: dict, key: str, percent: bool) -> str:
     figure = section.get(key)
     if figure is None:
         return "n/a"
+    if figure["undefined"]:
+        return f"n/a ({figure['undefined']} of {figure['runs']} runs > eps or undefined)"
     return f"{estimate(figure, percent)} ({figure['runs']} runs)" if figure["runs"] > 1 else estimate(figure, percent)
 
 
@@ -140,13 +147,16 @@ def markdown(report: dict) -> str:
                               ("grad_random/ce", "random k-dim subspace's share"),
                               ("grad_on/margin", "share of the margin gradient"))]  # fmt: skip
     lines += table(["figure", *kinds], rows) + [""]
-    lines += ["## Attack-free robustness (Srinivas et al.): off/on softmax change, mean over seeds [95 % t]", ""]
+    for kind in kinds:
+        share = report["geometry"][kind]["grad_on/ce"]["per_run"]
+        lines.append(f"Per seed, {kind}: " + ", ".join(f"{v:.3f}" for v in share) + ".")
+    lines += ["", "## Attack-free robustness (Srinivas et al.): off/on softmax change, mean over seeds [95 % t]", ""]
     keys = [k for k in report["smoothness"][kinds[0]] if k.startswith("off_over_on@")]
     rows = [[f"eps = {k.split('@')[1]}", *(_cell(report["smoothness"][kind], k, False) for kind in kinds)]
             for k in keys]  # fmt: skip
     lines += table(["off / on", *kinds], rows) + [""]
     lines += ["## Decomposition with the exact tangents, mean over seeds [95 % t]", ""]
-    rows = [[INSTRUMENT.get(key, key), *(_cell(report["exact"][k], key, key in PERCENT) for k in kinds)]
+    rows = [[NAMES[key], *(_cell(report["exact"][k], key, key in PERCENT) for k in kinds)]
             for key in DECOMPOSITION]  # fmt: skip
     lines += table(["figure", *kinds], rows) + [""]
     times = report["seconds"]
