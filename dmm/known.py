@@ -15,11 +15,12 @@ and K autoencoders, then measures
     python -m dmm.known --out runs/known --classifier-seeds 0 1 2 3 4 --robust-seeds 0 1 2 \\
         --autoencoder-seeds 0 1 -- --evaluation.num_images 500
 
-Everything after ``--`` goes to every ``dmm test``, ``--fit-args`` to every ``dmm fit``. Each step runs in this
-process in a fixed folder under ``--out`` (``classifier-seed<s>/``, ``robust-seed<s>/``, ``autoencoder-seed<s>/``,
-``exact-c<s>/``, ``learned-c<s>-a<t>/``, ``geometry-r<s>/``, ...) and leaves a ``done`` file with its wall time, so a
-rerun redoes only the unfinished steps. Then it writes ``known.json`` and ``known.md``: the tables, every run's
-figure, and the wall time of every step and in all.
+Everything after ``--`` goes to every ``dmm test``, ``--attack-args`` to those that attack (not Srinivas's
+attack-free measure; e.g. ``"--evaluation.measure.attack.refine 10"``), ``--fit-args`` to every ``dmm fit``.
+Each step runs in this process in a fixed folder under ``--out`` (``classifier-seed<s>/``, ``robust-seed<s>/``,
+``autoencoder-seed<s>/``, ``exact-c<s>/``, ``learned-c<s>-a<t>/``, ``geometry-r<s>/``, ...) and leaves a ``done``
+file with its wall time, so a rerun redoes only the unfinished steps. Then it writes ``known.json`` and
+``known.md``: the tables, every run's figure, and the wall time of every step and in all.
 """
 
 from __future__ import annotations
@@ -182,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--geometry-config", default=f"{CONFIGS}/geometry.yaml")
     parser.add_argument("--smoothness-config", default=f"{CONFIGS}/smoothness.yaml")
     parser.add_argument("--fit-args", default="", help='more arguments of every `dmm fit`, one string: "--a 1 --b 2"')
+    parser.add_argument("--attack-args", default="", help="more arguments of the tests that attack (decomposition, "
+                        'geometry; not smoothness), one string: "--evaluation.measure.attack.refine 10"')  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out, quiet = Path(args.out), ["--trainer.enable_progress_bar", "false"]
@@ -206,23 +209,24 @@ def main(argv: list[str] | None = None) -> None:
                 folder = step(out / f"{kind}-seed{s}", ["fit", "--config", fit_config[kind], "--seed_everything",
                                                          str(s), *quiet, *shlex.split(args.fit_args)])  # fmt: skip
                 checkpoints[kind][str(s)] = best_checkpoint(folder)
-        measures = {
-            "exact": (args.decomposition_config, "decomposition"),
-            "geometry": (args.geometry_config, "geometry"),
-            "smoothness": (args.smoothness_config, "smoothness"),
+        attack = shlex.split(args.attack_args)
+        measures = {  # name: config, measure folder, its own arguments
+            "exact": (args.decomposition_config, "decomposition", attack),
+            "geometry": (args.geometry_config, "geometry", attack),
+            "smoothness": (args.smoothness_config, "smoothness", []),
         }
         results: dict[str, dict[str, dict]] = {name: {"standard": {}, "robust": {}} for name in measures}
         for kind, letter, label in (("classifier", "c", "standard"), ("robust", "r", "robust")):
             for s, checkpoint in checkpoints[kind].items():
-                for name, (config, measure) in measures.items():
-                    test = ["test", "--config", config, "--ckpt_path", str(checkpoint), *quiet, *extra]
+                for name, (config, measure, own) in measures.items():
+                    test = ["test", "--config", config, "--ckpt_path", str(checkpoint), *quiet, *own, *extra]
                     folder = step(out / f"{name}-{letter}{s}", test)
                     results[name][label][s] = summary(folder, measure)
         learned = {}
         for c, classifier in checkpoints["classifier"].items():
             for a, autoencoder in checkpoints["autoencoder"].items():
                 test = ["test", "--config", args.classifier_config, "--ckpt_path", str(classifier)]
-                test += ["--evaluation.autoencoder", str(autoencoder), *quiet, *extra]
+                test += ["--evaluation.autoencoder", str(autoencoder), *quiet, *attack, *extra]
                 folder = step(out / f"learned-c{c}-a{a}", test)
                 learned[c, a] = summary(folder, "decomposition")
         seconds = {str(f.relative_to(out)): step_seconds(f) for f in steps}

@@ -431,6 +431,54 @@ def test_early_stop_saves_forward_passes_and_returns_first_success(norm):
     assert full.rows == 10 * 8
 
 
+def test_refine_finds_the_boundary_between_steps_on_a_linear_boundary():
+    # Threshold: class 1 exactly when mean(x) > 0.5. From mean m an L2 perturbation needs norm 6 (0.5 - m) (36
+    # pixels, along the all-ones direction), which PGD's L2 steps follow exactly; steps of 0.6 overshoot it.
+    x = torch.stack([torch.full(SHAPE, m) for m in (0.45, 0.33, 0.21, 0.1)])
+    y = torch.zeros(4, dtype=torch.int64)
+    needed = 6 * (0.5 - torch.tensor([0.45, 0.33, 0.21, 0.1]))  # 0.3, 1.02, 1.74, 2.4
+    coarse = PGD(eps=1.8, steps=10, step_size=0.6, early_stop=True)(Threshold(), x, y)
+    fine = PGD(eps=1.8, steps=10, step_size=0.6, early_stop=True, refine=20)(Threshold(), x, y)
+    fooled = Threshold()(coarse).argmax(1) == 1
+    assert fooled.tolist() == [True, True, True, False]  # the last needs 2.4 > eps
+    torch.testing.assert_close(NORMS["l2"](coarse - x)[:3], torch.tensor([0.6, 1.2, 1.8]))  # multiples of a step
+    torch.testing.assert_close(NORMS["l2"](fine - x)[:3], needed[:3], atol=2e-5, rtol=0)  # the boundary itself
+    assert (Threshold()(fine[:3]).argmax(1) == 1).all()  # still adversarial: the fooling end of the bisection
+    torch.testing.assert_close(fine[3], coarse[3])  # never fooled: the last iterate, unchanged
+
+
+@pytest.mark.parametrize("clamp", [True, False])
+def test_refine_keeps_the_subspace_the_box_and_never_lengthens(clamp):
+    model = mlp()
+    x, _ = batch(32)
+    y = model(x).argmax(1)  # every image correct: each refined point lies between x and a fooling iterate
+    bases = random_basis(32, D, 12, generator=torch.Generator().manual_seed(3))  # (32, D, 12), its own per image
+    attack = PGD(eps=4.0, steps=60, step_size=0.1, early_stop=True, clamp=clamp)
+    coarse = attack(model, x, y, Subspace(bases))
+    fine = attack.replace(refine=12)(model, x, y, Subspace(bases))
+    fooled = model(coarse).argmax(1) != y
+    assert int(fooled.sum()) >= 16
+    assert (model(fine[fooled]).argmax(1) != y[fooled]).all()  # still adversarial
+    short, long = NORMS["l2"](fine - x), NORMS["l2"](coarse - x)
+    assert (short <= long + 1e-6).all() and (short[fooled] < long[fooled] - 1e-3).float().mean() > 0.5
+    # On the segment from x to the coarse iterate: the same direction, so the same subspace and, by convexity,
+    # the box (the coarse iterate is in it when clamped; without clamp the subspace is exact).
+    cos = F.cosine_similarity((fine - x)[fooled].flatten(1), (coarse - x)[fooled].flatten(1))
+    assert (cos > 1 - 1e-5).all()
+    if clamp:
+        assert fine.min() >= 0 and fine.max() <= 1
+    else:
+        assert (leak((fine - x)[fooled], bases[fooled]) < 1e-5).all()
+    torch.testing.assert_close(fine[~fooled], coarse[~fooled])
+
+
+def test_refine_needs_early_stop_and_the_full_budget_run_drops_it():
+    with pytest.raises(DmmError, match="refine must be 0 without early_stop"):
+        PGD(refine=5)
+    attack = PGD(early_stop=True, refine=5)
+    assert attack.replace(early_stop=False, refine=0).refine == 0
+
+
 def test_early_stop_targeted_returns_target_class():
     model = linear()
     x, y = batch(16)
@@ -534,6 +582,9 @@ def test_l2_random_start_is_uniform_in_the_ball():
         {"targeted": None},
         {"clamp": "box"},
         {"clamp": 1.0},
+        {"refine": -1, "early_stop": True},
+        {"refine": True, "early_stop": True},
+        {"refine": 1.5, "early_stop": True},
     ],
 )
 def test_bad_fields_raise_on_construction(fields):

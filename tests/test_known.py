@@ -60,7 +60,8 @@ def fake_dmm(calls: list[list[str]]):
 
 def benchmark(out: Path) -> None:
     known.main(["--out", str(out), "--classifier-seeds", "0", "1", "2", "--robust-seeds", "0", "1",
-                "--autoencoder-seeds", "0", "1", "--", "--evaluation.num_images", "8"])  # fmt: skip
+                "--autoencoder-seeds", "0", "1", "--attack-args", "--evaluation.measure.attack.refine 3",
+                "--", "--evaluation.num_images", "8"])  # fmt: skip
 
 
 def test_the_instrument_error_is_paired_and_every_figure_pools_its_seeds(
@@ -73,6 +74,8 @@ def test_the_instrument_error_is_paired_and_every_figure_pools_its_seeds(
     fits = [c for c in calls if c[0] == "fit"]
     assert len(fits) == 3 + 2 + 2 and len(calls) - len(fits) == 5 * 3 + 3 * 2  # 3 measures a model, 6 learned pairs
     assert all(c[-2:] == ["--evaluation.num_images", "8"] for c in calls if c[0] == "test")
+    refined = {Path(c[2]).stem: "--evaluation.measure.attack.refine" in c for c in calls if c[0] == "test"}
+    assert refined == {"decomposition_exact": True, "geometry": True, "classifier": True, "smoothness": False}
     report = json.loads((out / "known.json").read_text())
 
     on = report["instrument"]["on_fraction_mean"]

@@ -62,8 +62,8 @@ def model_checks(model: nn.Module, x: Tensor, y: Tensor, attack: PGD) -> list[di
     tiny = norms(grad) <= TINY_GRADIENT * losses.detach().abs().clamp_min(torch.finfo(x.dtype).tiny)
     correct = logits.argmax(1) == y
     # FGM with the budget the iterative attack can actually use (steps x step size may fall short of eps).
-    single = attack.replace(eps=min(attack.eps, attack.reach), steps=1, step_size=None, early_stop=False, restarts=1,
-                            random_start=False)  # fmt: skip
+    single = attack.replace(eps=min(attack.eps, attack.reach), steps=1, step_size=None, early_stop=False, refine=0,
+                            restarts=1, random_start=False)  # fmt: skip
     rates = {}
     for name, a in (("fgm", single), ("pgd", attack)):
         with torch.no_grad(), eval_mode(model):

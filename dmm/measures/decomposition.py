@@ -213,7 +213,7 @@ class Decomposition(Measure):
         )
         record_parts(out, "", f, x, y, d, correct, splits)
         if self.full_budget_parts:
-            budget = self.attack.replace(early_stop=False)(f, x, y) - x
+            budget = self.attack.replace(early_stop=False, refine=0)(f, x, y) - x
             out["budget_fools"] = fools(f, x + budget, y) & correct
             out["budget_on_fraction"] = fraction(tangent.split(budget)[0], budget)
             record_parts(out, "budget_", f, x, y, budget, correct, splits)
