@@ -90,7 +90,9 @@ def test_the_instrument_error_is_paired_and_every_figure_pools_its_seeds(
     assert report["instrument"]["exact_angle_mean_median"]["learned"]["value"] == 20.0
 
     share = report["geometry"]
-    assert share["standard"]["grad_on/ce"] == pytest.approx(bounded(seed_interval([0.3, 0.26, 0.28])), nan_ok=True)
+    expected, pooled = bounded(seed_interval([0.3, 0.26, 0.28])), share["standard"]["grad_on/ce"]
+    assert pooled["value"] == pytest.approx(expected["value"]) and pooled["ci"] == pytest.approx(expected["ci"])
+    assert (pooled["runs"], pooled["df"], pooled["bounds"]) == (3, 2, [0, 1])
     assert share["robust"]["grad_on/ce"]["value"] == pytest.approx(0.725) and share["robust"]["grad_on/ce"]["df"] == 1
     assert report["smoothness"]["robust"]["off_over_on@0.5"]["value"] == pytest.approx(0.1)
     assert report["exact"]["robust"]["on_fraction_mean"]["value"] == pytest.approx(0.6)
