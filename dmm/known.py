@@ -39,7 +39,7 @@ from dmm.io import atomic_write
 from dmm.models.loading import best_checkpoint
 from dmm.report.seeds import bounded, crossed_interval, seed_interval
 from dmm.report.text import estimate, table
-from dmm.steps import in_process, resumable_step, step_seconds
+from dmm.steps import in_process, resumable_step, split_at_dashes, step_seconds
 
 log = logging.getLogger("dmm.known")
 
@@ -169,8 +169,7 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = shlex.join(["python", "-m", "dmm.known", *argv])
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, extra = split_at_dashes(argv)
     parser = argparse.ArgumentParser(prog="python -m dmm.known", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder of every run and of the tables")
     parser.add_argument("--classifier-seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -34,7 +34,7 @@ from dmm.errors import DmmError
 from dmm.io import atomic_write
 from dmm.measures.geometry import ARMS, GRADIENTS
 from dmm.report.seeds import seed_interval
-from dmm.steps import in_process, resumable_step
+from dmm.steps import in_process, resumable_step, split_at_dashes
 
 log = logging.getLogger("dmm.regimes")
 
@@ -121,8 +121,7 @@ def _name(scale: float, decay: float, seed: int) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, extra = split_at_dashes(argv)
     parser = argparse.ArgumentParser(prog="python -m dmm.regimes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder of every run, the table and the plot")
     parser.add_argument("--classifier-config", default="configs/linear_subspace/classifier.yaml")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from dmm.errors import DmmError
 from dmm.models.loading import best_checkpoint
-from dmm.steps import resumable_step
+from dmm.steps import resumable_step, split_at_dashes
 
 log = logging.getLogger("dmm.seeds")
 
@@ -42,8 +42,7 @@ def _trained(out: Path, kind: str, config: str, seeds: list[int], common: list[s
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, extra = split_at_dashes(argv)
     parser = argparse.ArgumentParser(prog="python -m dmm.seeds", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder of every run and of the report")
     parser.add_argument("--classifier-config", default="configs/mnist/classifier.yaml")

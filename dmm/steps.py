@@ -22,6 +22,14 @@ from dmm.errors import DmmError
 log = logging.getLogger("dmm.steps")
 
 
+def split_at_dashes(argv: list[str]) -> tuple[list[str], list[str]]:
+    """A study's own arguments and, after ``--``, those it passes on to every ``dmm test``."""
+    if "--" not in argv:
+        return list(argv), []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1 :]
+
+
 def in_subprocess(args: list[str]) -> int:
     """``python -m dmm <args>`` in a fresh process (its run folder from the environment); its exit status."""
     return subprocess.run([sys.executable, "-m", "dmm", *args], env=dict(os.environ)).returncode

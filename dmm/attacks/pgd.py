@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from dmm.attacks.balls import BALLS
+from dmm.attacks.boundary import bisect_to_boundary
 from dmm.errors import DmmError
 from dmm.tensors import autograd_on, eval_mode, norms, rows
 
@@ -171,32 +172,8 @@ class PGD:
                 again = self._run(model, x[todo], y[todo], radius[todo], rows(alpha[todo], x), sub, True)
                 best[todo] = again
             if self.refine:
-                best = self._refined(model, x, y, best)
+                best = bisect_to_boundary(model, x, y, best, self.refine, self.targeted)
             return best.detach()
-
-    @torch.no_grad()
-    def _refined(self, model, x: Tensor, y: Tensor, x_adv: Tensor) -> Tensor:
-        """Each fooled image moved back along its perturbation to the smallest fooling scale bisection finds
-        (``refine`` steps, one forward pass each over the fooled images); the others unchanged."""
-
-        def fools(points: Tensor, labels: Tensor) -> Tensor:
-            pred = model(points).argmax(dim=1)
-            return pred == labels if self.targeted else pred != labels
-
-        hit = fools(x_adv, y).nonzero().squeeze(1)
-        if hit.numel() == 0:
-            return x_adv
-        origin, delta, labels = x[hit], x_adv[hit] - x[hit], y[hit]
-        shape = (-1,) + (1,) * (x.dim() - 1)
-        low = torch.zeros(hit.numel(), dtype=x.dtype, device=x.device)  # x itself: assumed not fooled
-        high = torch.ones_like(low)  # x_adv: fooled
-        for _ in range(self.refine):
-            middle = (low + high) / 2
-            fooled = fools(origin + middle.view(shape) * delta, labels)
-            high, low = torch.where(fooled, middle, high), torch.where(fooled, low, middle)
-        out = x_adv.clone()
-        out[hit] = origin + high.view(shape) * delta
-        return out
 
     def _run(self, model, x: Tensor, y: Tensor, eps: Tensor, alpha: Tensor, project, random_start: bool) -> Tensor:
         """One run of the loop from x (or a random start): x_adv (B, ...)."""
