@@ -1,4 +1,4 @@
-"""``python -m dmm.regimes``: Melamed et al.'s regimes on a linear data subspace, init scale x weight decay.
+"""``python -m dmm.regimes``: Melamed et al.'s regimes, init scale x weight decay x seeds, on exact-tangent data.
 
 Melamed, Yehudai & Vardi (NeurIPS 2023) prove that a two-layer ReLU network trained on data in a low-dimensional
 linear subspace has a large input gradient orthogonal to it, and that a smaller initialisation or L2
